@@ -1,0 +1,73 @@
+"""What the operator (or `optimodel run`) hands a builder, and what the builder answers.
+
+The request is a JSON file (a ConfigMap mount in a cluster). The result is one line
+of JSON: printed to stdout, written to /dev/termination-log when it exists (the
+operator reads it from the Job's pod status), and to --result when given.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field
+
+from optimodel.spec import Accuracy, ApiModel, ModelSource, Optimization
+from optimodel.target import Target
+
+BUILD_REQUEST_VERSION = "optimodel.io/build/v1"
+TERMINATION_LOG = "/dev/termination-log"
+
+
+class BuildReason(StrEnum):
+    """Why a build ended; each failure has its own code so status can say exactly why."""
+
+    SUCCEEDED = "Succeeded"
+    CACHE_HIT = "CacheHit"
+    FETCH_FAILED = "FetchFailed"  # unreachable URI or missing object
+    UNAUTHORIZED = "Unauthorized"  # the store refused the credentials
+    CHECKSUM_MISMATCH = "ChecksumMismatch"
+    INVALID_MODEL = "InvalidModel"  # corrupt or unparsable model file
+    INPUT_MISMATCH = "InputMismatch"  # declared inputs do not match the model
+    INVALID_DATASET = "InvalidDataset"  # calibration / gate / distillation data of wrong shape or dtype
+    PRUNING_UNSUPPORTED = "PruningUnsupported"  # pruning asked for a non-PyTorch source
+    EXPORT_FAILED = "ExportFailed"  # ONNX export or its check against the source failed
+    QUANTIZATION_FAILED = "QuantizationFailed"
+    ACCURACY_GATE_FAILED = "AccuracyGateFailed"
+    TENSORRT_BUILD_FAILED = "TensorRTBuildFailed"
+    NO_GPU = "NoGPU"  # a GPU target on a machine without one
+    NOT_IMPLEMENTED = "NotImplemented"
+    PUBLISH_FAILED = "PublishFailed"
+    BUILD_FAILED = "BuildFailed"  # anything else, with the message
+
+
+class BuildRequest(ApiModel):
+    api_version: Literal["optimodel.io/build/v1"] = BUILD_REQUEST_VERSION
+    namespace: str = "default"
+    model_name: str
+    source: ModelSource
+    optimization: Optimization = Field(default_factory=Optimization)
+    target: Target
+    max_batch_size: int = Field(ge=1)
+    cache_key: str
+    artifact_uri: str = Field(description="Where to publish: <store>/<namespace>/<name>/<cacheKey>")
+    timing_cache_uri: str | None = Field(default=None, description="TensorRT timing cache kept per arch in the store")
+    base_dir: str | None = Field(default=None, description="Directory that relative file:// URIs resolve against (local runs)")
+
+
+class BuildResult(ApiModel):
+    state: Literal["Succeeded", "Failed"]
+    reason: BuildReason
+    cache_key: str
+    message: str = ""
+    artifact_uri: str | None = None
+    accuracy: Accuracy | None = None
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage")
+
+    def line(self) -> str:
+        """One line of JSON, short enough for the 4096-byte termination message."""
+        text = self.model_dump_json(by_alias=True, exclude_none=True)
+        if len(text) > 4000:
+            text = self.model_copy(update={"message": self.message[:1000] + " …"}).model_dump_json(
+                by_alias=True, exclude_none=True)
+        return text

@@ -1,0 +1,5 @@
+import sys
+
+from optimodel.cli import main
+
+sys.exit(main())

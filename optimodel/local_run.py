@@ -1,0 +1,156 @@
+"""`optimodel run`: the cluster flow on one machine.
+
+The builder runs as a local process (`python -m builder_job`), its artifact goes
+to a local store (default ./.optimodel), and the server (`python -m serving_image`)
+listens on 127.0.0.1. The same manifest works in a cluster unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from optimodel import storage
+from optimodel.artifact import artifact_uri
+from optimodel.batching import BatchingConfig, write_batching_config
+from optimodel.build import BuildRequest, BuildResult
+from optimodel.cache_key import cache_key, canonical_options, model_digest, toolchain_versions
+from optimodel.spec import OptimizedModel
+from optimodel.target import CPU
+
+DEFAULT_STORE = Path(".optimodel")
+
+
+class LocalRunError(Exception):
+    """A local run stopped; exit_code follows the CLI's convention (1 build, 3 serve)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class LocalBuild:
+    request: BuildRequest
+    result: BuildResult
+    artifact_dir: Path
+
+
+def plan_build(model: OptimizedModel, manifest_dir: Path, store_dir: Path) -> BuildRequest:
+    spec = model.spec
+    namespace = model.metadata.namespace or "default"
+    local_model = None
+    if storage.is_local(spec.model.uri):
+        local_model = storage.local_path(spec.model.uri, manifest_dir)
+    digest = model_digest(spec.model, local_model)
+    options = canonical_options(spec.model, spec.optimization, spec.serving.max_batch_size)
+    key = cache_key(digest, options, CPU, toolchain_versions(CPU))
+    store_uri = f"file://{store_dir.resolve()}"
+    return BuildRequest(
+        namespace=namespace,
+        model_name=model.metadata.name,
+        source=spec.model,
+        optimization=spec.optimization,
+        target=CPU,
+        max_batch_size=spec.serving.max_batch_size,
+        cache_key=key,
+        artifact_uri=artifact_uri(store_uri, namespace, model.metadata.name, key),
+        base_dir=str(manifest_dir.resolve()),
+    )
+
+
+def run_build(request: BuildRequest, work_dir: Path, echo=print) -> LocalBuild:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    request_file = work_dir / f"{request.cache_key}.request.json"
+    result_file = work_dir / f"{request.cache_key}.result.json"
+    request_file.write_text(request.model_dump_json(by_alias=True, exclude_none=True, indent=2))
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "builder_job", "--request", str(request_file), "--result", str(result_file)]
+    proc = subprocess.run(cmd, env=_child_env(request.base_dir))
+    if not result_file.exists():
+        raise LocalRunError(f"the builder exited with code {proc.returncode} without a result; see its log above")
+    result = BuildResult.model_validate_json(result_file.read_text())
+    if result.state != "Succeeded":
+        raise LocalRunError(f"build failed: {result.reason.value}: {result.message}")
+    return LocalBuild(request, result, storage.local_path(request.artifact_uri))
+
+
+def _child_env(base_dir: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    # a pytorch entrypoint like examples.digits_cnn:build_model imports from the manifest's project
+    if base_dir:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(base_dir).parent), base_dir, env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def start_server(model: OptimizedModel, build: LocalBuild, store_dir: Path, host: str, port: int) -> subprocess.Popen:
+    if not port_free(host, port):
+        raise LocalRunError(f"port {port} on {host} is in use; pick another with --port", exit_code=3)
+    serving = model.spec.serving
+    config_file = store_dir / build.request.namespace / build.request.model_name / "batching.json"
+    write_batching_config(config_file, BatchingConfig(
+        max_wait_ms=serving.batching.max_wait_ms, max_batch_size=serving.max_batch_size, max_queue=serving.max_queue))
+    cmd = [sys.executable, "-m", "serving_image", "--artifact", str(build.artifact_dir), "--config", str(config_file),
+           "--host", host, "--port", str(port), "--model-name", model.metadata.name]
+    return subprocess.Popen(cmd, env=_child_env(None))
+
+
+def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LocalRunError(f"the server exited with code {proc.returncode} before it was ready", exit_code=3)
+        try:
+            if httpx.get(f"{base_url}/v2/health/ready", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise LocalRunError(f"the server was not ready within {timeout_s:.0f}s", exit_code=3)
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def summary(build: LocalBuild) -> str:
+    r = build.result
+    parts = [f"engine {r.cache_key[:12]} ({'cache hit' if r.reason.value == 'CacheHit' else 'built'})"]
+    if r.accuracy:
+        parts.append(f"{r.accuracy.metric} {r.accuracy.original:.4f} → {r.accuracy.optimized:.4f}")
+    report = build.artifact_dir / "report.json"
+    if report.exists():
+        try:
+            data = json.loads(report.read_text())
+            if "recipe" in data:
+                parts.append(f"recipe {data['recipe']}")
+        except ValueError:
+            pass
+    return ", ".join(parts)

@@ -1,0 +1,133 @@
+"""`python -m serving_image --artifact URI_OR_DIR --config FILE [--host] [--port] [--model-name]`.
+
+Refuses to start (non-zero exit, one clear line) when the artifact is missing,
+unfinished or fails its checksums. Listens at once so liveness answers, warms every
+batch-size bucket, then reports ready and logs "serving <model> on http://HOST:PORT".
+SIGTERM: readiness goes false, (after --drain-seconds) the listener closes, every
+accepted request is answered, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from optimodel.artifact import ArtifactError, open_artifact
+from optimodel.batching import BatchingConfig, load_batching_config
+from optimodel.storage import StorageError
+
+log = logging.getLogger("serving_image")
+
+DEFAULT_MAX_WAIT_MS = 2.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m serving_image", description=__doc__.splitlines()[0])
+    p.add_argument("--artifact", required=True, help="artifact URI (file://, pvc://, s3://, ...) or local directory")
+    p.add_argument("--config", required=True, type=Path, help="batching config JSON (optimodel.batching), watched live")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--model-name", default=None, help="name in the v2 routes (default: the manifest's model name)")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--drain-seconds", type=float, default=0.0,
+                   help="after SIGTERM, keep serving this long while not ready (endpoint removal propagates)")
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: the container CPU quota)")
+    p.add_argument("--allow-non-finite", action="store_true", help="accept NaN/Inf in float inputs")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def initial_config(path: Path, manifest_max_batch: int) -> BatchingConfig:
+    default = BatchingConfig(max_wait_ms=DEFAULT_MAX_WAIT_MS, max_batch_size=manifest_max_batch)
+    if not path.exists():
+        log.warning("batching config %s is absent; using maxBatchSize %d (manifest) and maxWaitMs %g until it appears",
+                    path, manifest_max_batch, DEFAULT_MAX_WAIT_MS)
+        return default
+    try:
+        return load_batching_config(path)
+    except (OSError, ValueError) as exc:
+        log.warning("batching config %s is invalid (%s); using defaults %s until it is fixed",
+                    path, " ".join(str(exc).split()), json.dumps(default.wire()))
+        return default
+
+
+def _artifact_uri(value: str) -> str:
+    return value if "://" in value else Path(value).resolve().as_uri()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        local_dir, manifest = open_artifact(_artifact_uri(args.artifact))
+    except (ArtifactError, StorageError) as exc:
+        print(f"serving_image: refusing to start: {exc.reason}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"serving_image: refusing to start: cannot open artifact {args.artifact}: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from serving_image.app import create_app
+    from serving_image.backends import load_backend
+
+    try:
+        backend = load_backend(local_dir, manifest, threads=args.threads)
+    except Exception as exc:  # an engine that does not load is a refusal, not a traceback
+        print(f"serving_image: refusing to start: engine {manifest.engine.file} does not load: {exc}", file=sys.stderr)
+        return 3
+    config = initial_config(args.config, manifest.max_batch_size)
+    name = args.model_name or manifest.model_name
+
+    def on_ready() -> None:
+        log.info("serving %s on http://%s:%d", name, args.host, args.port)
+
+    app = create_app(backend, manifest, config, model_name=name, config_path=args.config,
+                     max_body_bytes=args.max_body_bytes, allow_non_finite=args.allow_non_finite, on_ready=on_ready)
+    state = app.state.server_state
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not state.draining and sig == signal.SIGTERM:
+                state.draining = True
+                log.info("SIGTERM: not ready; draining accepted requests")
+                if args.drain_seconds > 0:
+                    asyncio.get_running_loop().call_later(args.drain_seconds, self._stop, sig, frame)
+                    return
+            self._stop(sig, frame)
+
+        def _stop(self, sig, frame):
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the captured signal after a graceful stop, which kills
+            # the process by SIGTERM; a clean drain exits 0 instead
+            if sig == signal.SIGTERM and hasattr(self, "_captured_signals"):
+                self._captured_signals.clear()
+
+    kwargs = {}
+    try:
+        import uvloop  # noqa: F401
+        kwargs["loop"] = "uvloop"
+    except ImportError:
+        pass
+    try:
+        import httptools  # noqa: F401
+        kwargs["http"] = "httptools"
+    except ImportError:
+        pass
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning",
+                                   lifespan="on", timeout_graceful_shutdown=None, **kwargs))
+    server.run()
+    if state.warmup_error:
+        return 4
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

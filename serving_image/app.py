@@ -1,0 +1,211 @@
+"""The HTTP face of the server: Open Inference Protocol v2 routes over one model.
+
+Routes stay thin; parsing and validation live in protocol.py, batching in
+batcher.py, engines in backends.py, config reload in config_watch.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from optimodel.artifact import Manifest
+from optimodel.batching import BatchingConfig
+from serving_image import protocol
+from serving_image.backends import Backend, warm_up, warmup_sizes
+from serving_image.batcher import Batcher, BatcherClosed, EngineError, QueueFull
+from serving_image.config_watch import ConfigWatcher
+from serving_image.metrics import ServerMetrics
+
+log = logging.getLogger("serving_image")
+
+SERVER_NAME = "optimodel"
+SERVER_VERSION = "0.1.0"
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+JSON = "application/json"
+
+
+@dataclass
+class ServerState:
+    ready: bool = False
+    draining: bool = False
+    warmup_error: str | None = None
+    warmed_sizes: list[int] = field(default_factory=list)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> Response:
+    return Response(protocol.error_body(message), status_code=status, media_type=JSON, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing with 413 past `limit` bytes without reading it all."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise protocol.ProtocolError("Content-Length is not an integer") from None
+        if declared > limit:
+            raise protocol.ProtocolError(f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                                         413, "body_too_large")
+        return await request.body()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise protocol.ProtocolError(f"request body exceeds the limit of {limit} bytes", 413, "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
+               model_name: str | None = None, config_path: Path | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY, allow_non_finite: bool = False,
+               watch_interval: float = 0.2, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    name = model_name or manifest.model_name
+    metrics = ServerMetrics(name, manifest.arch)
+    batcher = Batcher(backend.run, config, engine_max_batch=backend.max_batch_size, metrics=metrics)
+    model_io = protocol.ModelIO(name, manifest.inputs, manifest.outputs, allow_non_finite=allow_non_finite)
+    state = ServerState()
+    watcher = ConfigWatcher(config_path, batcher.update_config, current=config,
+                            interval=watch_interval) if config_path else None
+
+    async def warm() -> None:
+        sizes = warmup_sizes(backend.max_batch_size)
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        try:
+            # in the engine thread: TensorRT/CUDA state is then set up where it is used
+            await loop.run_in_executor(batcher._executor, warm_up, backend, sizes)
+        except Exception as exc:  # not ready forever beats serving an engine that fails
+            state.warmup_error = f"warm-up failed: {exc}"
+            log.error("%s", state.warmup_error)
+            return
+        state.warmed_sizes = sizes
+        state.ready = True
+        log.info("warmed up batch sizes %s in %.2fs", sizes, time.monotonic() - t0)
+        if on_ready is not None:
+            on_ready()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        tasks = [asyncio.create_task(warm(), name="warm-up")]
+        if watcher is not None:
+            tasks.append(asyncio.create_task(watcher.run(), name="config-watch"))
+        try:
+            yield
+        finally:
+            state.ready = False
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await batcher.close()  # every accepted request is answered before exit
+            backend.close()
+
+    app = FastAPI(title="optimodel serving", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher
+    app.state.metrics = metrics
+    app.state.server_state = state
+    app.state.watcher = watcher
+    app.state.model_name = name
+
+    def is_ready() -> bool:
+        return state.ready and not state.draining
+
+    def model_metadata() -> dict:
+        return {"name": name, "versions": ["1"], "platform": backend.platform,
+                "inputs": protocol.tensor_metadata(manifest.inputs),
+                "outputs": protocol.tensor_metadata(manifest.outputs),
+                "parameters": {"arch": manifest.arch, "precision": manifest.engine.precision,
+                               "max_batch_size": batcher.config.max_batch_size,
+                               "max_wait_ms": batcher.config.max_wait_ms}}
+
+    def unknown(model: str) -> Response:
+        return _error(404, f"unknown model '{model}'; this server serves '{name}'")
+
+    @app.get("/v2/health/live")
+    async def live():
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return Response(status_code=200 if is_ready() else 503)
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/models/{model}")
+    @app.get("/v2/models/{model}/versions/{version}")
+    async def metadata(model: str, version: str = "1"):
+        if model != name:
+            return unknown(model)
+        return model_metadata()
+
+    @app.get("/v2/models/{model}/ready")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_ready(model: str, version: str = "1"):
+        if model != name:
+            return unknown(model)
+        return Response(status_code=200 if is_ready() else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, ctype = metrics.exposition()
+        return Response(body, media_type=ctype)
+
+    async def infer(request: Request, model: str) -> Response:
+        t0 = time.monotonic()
+        if model != name:
+            return unknown(model)
+        if not state.ready:
+            metrics.rejected("not_ready")
+            return _error(503, state.warmup_error or "model is not ready (warming up)", {"Retry-After": "1"})
+        metrics.inflight.inc()
+        try:
+            body = await read_body(request, max_body_bytes)
+            body = protocol.decode_body(body, request.headers.get("content-encoding"), max_body_bytes)
+            req = protocol.parse_infer_request(body, request.headers.get(protocol.HEADER_LENGTH), model_io,
+                                               batcher.config.max_batch_size)
+            results = await batcher.submit(req.inputs, req.batch)
+            payload, header_length = protocol.encode_infer_response(name, req, results)
+        except protocol.ProtocolError as exc:
+            if exc.status == 413:
+                metrics.rejected(exc.reason)
+            else:
+                metrics.error(exc.reason)
+            return _error(exc.status, str(exc))
+        except QueueFull as exc:
+            metrics.rejected("queue_full")
+            return _error(503, str(exc), {"Retry-After": "1"})
+        except BatcherClosed as exc:
+            metrics.rejected("shutting_down")
+            return _error(503, str(exc), {"Retry-After": "1"})
+        except EngineError as exc:
+            return _error(500, str(exc))
+        finally:
+            metrics.inflight.dec()
+        metrics.latency.observe(time.monotonic() - t0)
+        if header_length is None:
+            return Response(payload, media_type=JSON)
+        return Response(payload, media_type="application/octet-stream",
+                        headers={protocol.HEADER_LENGTH: str(header_length)})
+
+    @app.post("/v2/models/{model}/infer")
+    async def infer_latest(request: Request, model: str):
+        return await infer(request, model)
+
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer_version(request: Request, model: str, version: str):
+        return await infer(request, model)
+
+    return app

@@ -1,0 +1,167 @@
+"""Engine backends behind one small interface: ONNX Runtime here, TensorRT in tensorrt_backend.
+
+A backend is called from one engine thread at a time (the batcher's), with a whole
+batch already concatenated; it returns one array per output with the same batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from optimodel.artifact import Manifest
+from optimodel.spec import TensorSpec
+
+log = logging.getLogger("serving_image")
+
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+       "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+
+
+class Backend(Protocol):
+    platform: str  # v2 model metadata "platform"
+    arch: str
+    max_batch_size: int
+    inputs: Sequence[TensorSpec]
+    outputs: Sequence[TensorSpec]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this container may use: the cgroup quota, else the affinity mask.
+
+    os.cpu_count() reports the node's cores; a pod limited to 2 CPUs running 64
+    intra-op threads is throttled into far worse latency than 2 threads give.
+    """
+    def affinity() -> int:
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
+
+    limit = None
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]  # cgroup v2
+        if quota != "max":
+            limit = int(quota) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            quota_us = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period_us = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+            if quota_us > 0 and period_us > 0:
+                limit = quota_us / period_us
+        except (OSError, ValueError):
+            pass
+    cpus = affinity()
+    if limit is not None:
+        cpus = min(cpus, max(1, math.ceil(limit)))
+    return max(1, cpus)
+
+
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """Batch-size buckets warmed before ready: powers of two up to max, and max itself."""
+    sizes = []
+    b = 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_batch_size)
+    return sizes
+
+
+def dummy_inputs(specs: Sequence[TensorSpec], batch: int) -> dict[str, np.ndarray]:
+    feeds = {}
+    for t in specs:
+        shape = [batch] + [d if d > 0 else 1 for d in t.shape[1:]]
+        dtype = _NP[t.dtype]
+        # ones rather than zeros: a mask of zeros can take degenerate paths (division by 0 in pooling)
+        feeds[t.name] = np.ones(shape, dtype=dtype)
+    return feeds
+
+
+def warm_up(backend: Backend, sizes: Sequence[int]) -> None:
+    for size in sizes:
+        backend.run(dummy_inputs(backend.inputs, size))
+
+
+_GRAPH_LEVELS = {
+    "disable": "ORT_DISABLE_ALL", "disable_all": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL", "enable_all": "ORT_ENABLE_ALL",
+}
+
+
+def ort_session_options(settings: dict, threads: int):
+    """SessionOptions from the manifest's build-time settings plus the server's thread count."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    for key, value in settings.items():
+        if key in ("graph_optimization_level", "graphOptimizationLevel"):
+            name = str(value)
+            name = _GRAPH_LEVELS.get(name.lower(), name.upper() if name.upper().startswith("ORT_") else name)
+            so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, name)
+        elif key in ("execution_mode", "executionMode"):
+            mode = str(value).upper()
+            so.execution_mode = ort.ExecutionMode.ORT_PARALLEL if "PARALLEL" in mode else ort.ExecutionMode.ORT_SEQUENTIAL
+        elif key in ("intra_op_num_threads", "inter_op_num_threads"):
+            continue  # the server decides threads from its own CPU quota
+        elif "." in key:  # ORT session config entries, e.g. session.intra_op.allow_spinning
+            so.add_session_config_entry(key, str(value).lower() if isinstance(value, bool) else str(value))
+        else:
+            log.warning("ignoring unknown session option %s=%r in the manifest", key, value)
+    return so
+
+
+class OrtBackend:
+    """ONNX Runtime: CUDA execution provider when onnxruntime-gpu offers it, else CPU."""
+
+    def __init__(self, model_path: Path, manifest: Manifest, threads: int | None = None,
+                 providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        self.threads = threads or cpu_quota()
+        so = ort_session_options(manifest.engine.session_options, self.threads)
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
+        self.providers = self.session.get_providers()
+        self.platform = "onnxruntime_onnx"
+        self.arch = manifest.arch
+        self.max_batch_size = manifest.max_batch_size
+        self.inputs = manifest.inputs
+        self.outputs = manifest.outputs
+        self._output_names = [t.name for t in manifest.outputs]
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        missing = [t.name for t in manifest.inputs if t.name not in graph_inputs] + \
+                  [t.name for t in manifest.outputs if t.name not in graph_outputs]
+        if missing:
+            raise ValueError(f"manifest tensors {missing} are not in the ONNX graph "
+                             f"(inputs {sorted(graph_inputs)}, outputs {sorted(graph_outputs)})")
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.session.run(self._output_names, inputs)
+        return dict(zip(self._output_names, results))
+
+    def close(self) -> None:
+        self.session = None
+
+
+def load_backend(local_dir: Path, manifest: Manifest, threads: int | None = None) -> Backend:
+    engine_path = local_dir / manifest.engine.file
+    if manifest.engine.format == "tensorrt":
+        from serving_image.tensorrt_backend import TensorRTBackend  # imports tensorrt lazily
+
+        return TensorRTBackend(engine_path, manifest)
+    return OrtBackend(engine_path, manifest, threads=threads)

@@ -1,0 +1,234 @@
+"""The dynamic batcher: one class, one queue, one loop (Triton's semantics).
+
+- A batch goes to the engine as soon as it holds maxBatchSize samples; otherwise
+  when its oldest request has waited maxWaitMs; maxWaitMs 0 never waits.
+- Requests of different batch sizes are packed into one engine call and split back.
+  Requests whose non-batch dimensions differ cannot share a call; the batch closes
+  at the first such request and FIFO order is kept.
+- The engine runs in one worker thread. While it runs, the next batch keeps
+  growing; a full batch is staged behind the running one so a saturated engine
+  never idles for an event-loop turn. There is exactly one thread hop per batch,
+  none per request: concatenation, the engine call and the split all happen in
+  the worker, and the loop sets every request's future from one callback.
+- The queue is bounded (maxQueue requests): past it, submit() raises QueueFull at
+  once so the caller can answer 503 instead of growing memory.
+- A config change applies to the next batch formed; queued requests are kept even
+  when maxBatchSize shrinks below their size (such a request runs alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+from optimodel.batching import BatchingConfig
+
+log = logging.getLogger("serving_image")
+
+RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class QueueFull(Exception):
+    pass
+
+
+class BatcherClosed(Exception):
+    pass
+
+
+class EngineError(Exception):
+    pass
+
+
+class _Item:
+    __slots__ = ("inputs", "n", "key", "future", "enqueued")
+
+    def __init__(self, inputs, n, key, future, enqueued):
+        self.inputs = inputs
+        self.n = n
+        self.key = key
+        self.future = future
+        self.enqueued = enqueued
+
+
+class Batcher:
+    def __init__(self, run: RunFn, config: BatchingConfig, engine_max_batch: int, metrics=None,
+                 max_staged: int = 1):
+        self._run_fn = run
+        self.engine_max_batch = engine_max_batch
+        self._metrics = metrics
+        self._queue: deque[_Item] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._running = 0  # batches handed to the engine thread and not completed
+        self._max_in_engine = 1 + max_staged
+        self._waiter: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._idle: asyncio.Event | None = None
+        self.batches = 0
+        self.config = self._clamp(config)
+
+    # ---- configuration -------------------------------------------------------------
+
+    def _clamp(self, config: BatchingConfig) -> BatchingConfig:
+        if config.max_batch_size > self.engine_max_batch:
+            log.warning("maxBatchSize %d exceeds the engine's limit %d; using %d",
+                        config.max_batch_size, self.engine_max_batch, self.engine_max_batch)
+            config = config.model_copy(update={"max_batch_size": self.engine_max_batch})
+        if self._metrics is not None:
+            self._metrics.max_wait_ms.set(config.max_wait_ms)
+            self._metrics.max_batch_size.set(config.max_batch_size)
+        return config
+
+    def update_config(self, config: BatchingConfig) -> BatchingConfig:
+        self.config = self._clamp(config)
+        self._wake()
+        return self.config
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # ---- life cycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task = asyncio.create_task(self._loop_forever(), name="batcher")
+
+    async def close(self) -> None:
+        """Run every queued request, wait for the engine, then stop (nothing is dropped)."""
+        self._closing = True
+        self._wake()
+        if self._task is not None:
+            await self._task
+        if self._idle is not None:
+            await self._idle.wait()
+        self._executor.shutdown(wait=True)
+
+    # ---- requests ------------------------------------------------------------------
+
+    def submit(self, inputs: dict[str, np.ndarray], n: int) -> asyncio.Future:
+        """Queue one validated request of n samples; its future resolves to its outputs."""
+        if self._closing:
+            raise BatcherClosed("the server is shutting down")
+        if len(self._queue) >= self.config.max_queue:
+            raise QueueFull(f"queue full ({self.config.max_queue} requests waiting)")
+        fut = self._loop.create_future()
+        key = tuple(a.shape[1:] for a in inputs.values()) if len(inputs) > 1 else next(iter(inputs.values())).shape[1:]
+        self._queue.append(_Item(inputs, n, key, fut, time.monotonic()))
+        if self._waiter is not None:
+            self._wake()
+        return fut
+
+    # ---- the loop ------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _sleep(self, delay: float | None) -> None:
+        self._waiter = fut = self._loop.create_future()
+        handle = self._loop.call_later(delay, self._wake) if delay is not None else None
+        try:
+            await fut
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+
+    def _fill(self, max_bs: int) -> tuple[int, int, bool]:
+        """(items, samples) the head batch would take, and whether it can grow no more."""
+        q = self._queue
+        first = q[0]
+        count, samples = 1, first.n
+        for i in range(1, len(q)):
+            if samples >= max_bs:
+                break
+            item = q[i]
+            if item.key != first.key or samples + item.n > max_bs:
+                return count, samples, True
+            count += 1
+            samples += item.n
+        return count, samples, samples >= max_bs
+
+    async def _loop_forever(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                await self._sleep(None)
+                continue
+            cfg = self.config
+            count, samples, closed = self._fill(cfg.max_batch_size)
+            wait_left = self._queue[0].enqueued + cfg.max_wait_ms / 1000.0 - time.monotonic()
+            if self._running == 0:
+                if closed or wait_left <= 0 or self._closing:
+                    self._dispatch(count, samples)
+                    continue
+                await self._sleep(wait_left)
+            elif closed and self._running < self._max_in_engine:
+                self._dispatch(count, samples)
+            else:
+                # the engine is busy: keep growing the batch; its completion wakes us
+                await self._sleep(None)
+
+    def _dispatch(self, count: int, samples: int) -> None:
+        items = [self._queue.popleft() for _ in range(count)]
+        self._running += 1
+        self._idle.clear()
+        self.batches += 1
+        cf = self._executor.submit(self._execute, items)
+        cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._complete, items, samples, f))
+
+    def _execute(self, items: list[_Item]):
+        """In the engine thread: concatenate once, run, split back into per-request views."""
+        t0 = time.monotonic()
+        if len(items) == 1:
+            feeds = items[0].inputs
+        else:
+            feeds = {name: np.concatenate([it.inputs[name] for it in items]) for name in items[0].inputs}
+        out = self._run_fn(feeds)
+        t1 = time.monotonic()
+        if len(items) == 1:
+            return t0, t1, [out]
+        parts, offset = [], 0
+        for it in items:
+            parts.append({k: v[offset:offset + it.n] for k, v in out.items()})
+            offset += it.n
+        return t0, t1, parts
+
+    def _complete(self, items: list[_Item], samples: int, cf) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
+        self._wake()
+        exc = cf.exception()
+        if exc is not None:
+            log.error("engine failed on a batch of %d: %s", samples, exc)
+            err = EngineError(f"engine failed: {exc}")
+            for it in items:
+                if not it.future.done():
+                    it.future.set_exception(err)
+            if self._metrics is not None:
+                self._metrics.error("engine", len(items))
+            return
+        t0, t1, parts = cf.result()
+        m = self._metrics
+        if m is not None:
+            m.compute.observe(t1 - t0)
+            m.batch_size.observe(samples)
+        for it, part in zip(items, parts):
+            if m is not None:
+                m.queue_wait.observe(t0 - it.enqueued)
+            if not it.future.done():
+                it.future.set_result(part)

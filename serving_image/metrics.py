@@ -1,0 +1,96 @@
+"""Prometheus metrics of one served model, in a registry of its own.
+
+A per-app CollectorRegistry (not the global one) lets several servers live in one
+test process. Names are what the tuner's PromQL reads; keep them stable:
+
+  optimodel_request_latency_seconds   histogram, handler entry to response ready
+  optimodel_queue_wait_seconds        histogram, enqueue to engine start
+  optimodel_compute_seconds           histogram, one engine call (one batch)
+  optimodel_batch_size                histogram, samples per engine call
+  optimodel_inflight_requests         gauge
+  optimodel_rejected_total{reason}    counter: queue_full, body_too_large, not_ready
+  optimodel_errors_total{reason}      counter: bad_request, engine, ...
+  optimodel_max_wait_ms, optimodel_max_batch_size   gauges of the config in force
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+def latency_buckets() -> list[float]:
+    """0.5 ms .. 10 s, 1 ms apart up to 20 ms so a p99 read from buckets is good to ~1 ms there."""
+    ms = [0.5]
+    ms += [float(x) for x in range(1, 21)]           # 1 ms steps to 20 ms
+    ms += [float(x) for x in range(22, 51, 2)]        # 2 ms steps to 50 ms
+    ms += [float(x) for x in range(55, 101, 5)]       # 5 ms steps to 100 ms
+    ms += [float(x) for x in range(110, 251, 10)]     # 10 ms steps to 250 ms
+    ms += [float(x) for x in range(275, 501, 25)]
+    ms += [float(x) for x in range(550, 1001, 50)]
+    ms += [1500.0, 2000.0, 3000.0, 5000.0, 7500.0, 10000.0]
+    return [m / 1000.0 for m in ms]
+
+
+def batch_buckets() -> list[float]:
+    out, b = [], 1
+    while b <= 4096:
+        out.append(float(b))
+        if b >= 2 and b * 3 // 2 <= 4096:
+            out.append(float(b * 3 // 2))
+        b *= 2
+    return sorted(set(out))
+
+
+class ServerMetrics:
+    def __init__(self, model: str, arch: str, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        labels = ("model", "arch")
+        lat = latency_buckets()
+        r = self.registry
+        self._latency = Histogram("optimodel_request_latency_seconds", "Infer request latency in the server",
+                                  labels, buckets=lat, registry=r)
+        self._queue = Histogram("optimodel_queue_wait_seconds", "Time a request waited for its batch to start",
+                                labels, buckets=lat, registry=r)
+        self._compute = Histogram("optimodel_compute_seconds", "Engine time of one batch",
+                                  labels, buckets=lat, registry=r)
+        self._batch = Histogram("optimodel_batch_size", "Samples per engine call", labels,
+                                buckets=batch_buckets(), registry=r)
+        self._inflight = Gauge("optimodel_inflight_requests", "Infer requests accepted and not yet answered",
+                               labels, registry=r)
+        self._rejected = Counter("optimodel_rejected_total", "Requests refused without running them",
+                                 labels + ("reason",), registry=r)
+        self._errors = Counter("optimodel_errors_total", "Requests that failed", labels + ("reason",), registry=r)
+        self._max_wait = Gauge("optimodel_max_wait_ms", "Batching window in force", labels, registry=r)
+        self._max_batch = Gauge("optimodel_max_batch_size", "Largest batch in force", labels, registry=r)
+        # children resolved once: .labels() on every request is a dict lookup plus a lock
+        key = (model, arch)
+        self.latency = self._latency.labels(*key)
+        self.queue_wait = self._queue.labels(*key)
+        self.compute = self._compute.labels(*key)
+        self.batch_size = self._batch.labels(*key)
+        self.inflight = self._inflight.labels(*key)
+        self.max_wait_ms = self._max_wait.labels(*key)
+        self.max_batch_size = self._max_batch.labels(*key)
+        self._key = key
+        self._rejected_children: dict[str, Counter] = {}
+        self._error_children: dict[str, Counter] = {}
+        for reason in ("queue_full", "body_too_large", "not_ready"):
+            self.rejected(reason, 0)
+        for reason in ("bad_request", "engine"):
+            self.error(reason, 0)
+
+    def rejected(self, reason: str, n: int = 1) -> None:
+        child = self._rejected_children.get(reason)
+        if child is None:
+            child = self._rejected_children[reason] = self._rejected.labels(*self._key, reason)
+        child.inc(n)
+
+    def error(self, reason: str, n: int = 1) -> None:
+        child = self._error_children.get(reason)
+        if child is None:
+            child = self._error_children[reason] = self._errors.labels(*self._key, reason)
+        child.inc(n)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

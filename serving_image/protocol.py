@@ -1,0 +1,296 @@
+"""Open Inference Protocol (v2) REST: request parsing, validation and response encoding.
+
+Pure functions over bytes and numpy arrays, so every bad-input case is a unit test
+away and the HTTP layer stays a thin shell. Everything is validated here, before a
+request reaches the batcher: a bad request must never be packed into a batch where
+it could fail its neighbours.
+
+Binary tensor data extension (what tritonclient[http] sends with binary_data=True):
+the body is a JSON header of `Inference-Header-Content-Length` bytes followed by the
+raw tensors, in input order, each `parameters.binary_data_size` bytes long.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from optimodel.spec import TensorSpec
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# v2 datatype <-> numpy dtype, for the dtypes a TensorSpec can declare.
+V2_DATATYPE = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "int64": "INT64",
+    "int32": "INT32",
+    "int8": "INT8",
+    "uint8": "UINT8",
+    "bool": "BOOL",
+}
+NUMPY_DTYPE = {
+    "FP32": np.dtype(np.float32),
+    "FP16": np.dtype(np.float16),
+    "FP64": np.dtype(np.float64),
+    "INT64": np.dtype(np.int64),
+    "INT32": np.dtype(np.int32),
+    "INT16": np.dtype(np.int16),
+    "INT8": np.dtype(np.int8),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "BOOL": np.dtype(np.bool_),
+}
+_NP_TO_V2 = {v: k for k, v in NUMPY_DTYPE.items()}
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; `status` is the HTTP status, the message names the problem."""
+
+    def __init__(self, message: str, status: int = 400, reason: str = "bad_request"):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """What the server validates requests against: the manifest's tensors plus policy."""
+
+    name: str
+    inputs: Sequence[TensorSpec]
+    outputs: Sequence[TensorSpec]
+    # TensorSpec cannot declare whether NaN/Inf is acceptable; no model this server
+    # runs (classifiers, embedders) wants them, so they are refused unless allowed.
+    allow_non_finite: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "_inputs", {t.name: t for t in self.inputs})
+        object.__setattr__(self, "_outputs", {t.name: t for t in self.outputs})
+
+    def input(self, name: str) -> TensorSpec | None:
+        return self._inputs.get(name)  # type: ignore[attr-defined]
+
+    def output(self, name: str) -> TensorSpec | None:
+        return self._outputs.get(name)  # type: ignore[attr-defined]
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    batch: int
+    # (name, binary) for each output to return, in response order
+    outputs: list[tuple[str, bool]] = field(default_factory=list)
+
+
+def decode_body(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """Undo a request Content-Encoding (tritonclient can gzip/deflate), bounded by limit."""
+    if not content_encoding or content_encoding == "identity":
+        return body
+    if content_encoding not in ("gzip", "deflate"):
+        raise ProtocolError(f"unsupported Content-Encoding '{content_encoding}'; use gzip, deflate or none", 415,
+                            "unsupported_encoding")
+    wbits = 16 + zlib.MAX_WBITS if content_encoding == "gzip" else zlib.MAX_WBITS
+    try:
+        inflater = zlib.decompressobj(wbits)
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"body is not valid {content_encoding} data: {exc}") from exc
+    if len(out) > limit:
+        raise ProtocolError(f"decompressed body exceeds the limit of {limit} bytes", 413, "body_too_large")
+    return out
+
+
+def _loads(raw: bytes | memoryview) -> Any:
+    try:
+        return json.loads(bytes(raw))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"malformed JSON in the inference request: {exc}") from exc
+
+
+def _json_array(data: Any, dtype: np.dtype, name: str) -> np.ndarray:
+    try:
+        if dtype == np.bool_:
+            if not all(isinstance(v, bool) for v in _flat(data)):
+                raise ValueError("BOOL data must be true/false")
+        arr = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ProtocolError(f"input '{name}': data cannot be read as {_NP_TO_V2[dtype]}: {exc}") from exc
+    if arr.dtype == object:
+        raise ProtocolError(f"input '{name}': data is ragged (nested lists of unequal length)")
+    if dtype.kind in "iu" and isinstance(data, list):
+        # np.asarray silently truncates 1.5 to 1 for integer dtypes: refuse instead
+        flat = data if data and not isinstance(data[0], list) else list(_flat(data))
+        if any(isinstance(v, float) for v in flat):
+            raise ProtocolError(f"input '{name}': {_NP_TO_V2[dtype]} data holds non-integer numbers")
+    return arr
+
+
+def _flat(data: Any):
+    if isinstance(data, list):
+        for v in data:
+            yield from _flat(v)
+    else:
+        yield data
+
+
+def _check_shape(name: str, shape: Any, spec: TensorSpec, max_batch: int) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise ProtocolError(f"input '{name}': shape must be a list of integers, got {shape!r}")
+    if len(shape) != len(spec.shape):
+        raise ProtocolError(f"input '{name}': shape {shape} has rank {len(shape)}, the model expects "
+                            f"rank {len(spec.shape)} {spec.shape}")
+    for axis, (got, want) in enumerate(zip(shape, spec.shape)):
+        if got < 1:
+            raise ProtocolError(f"input '{name}': dimension {axis} is {got}; dimensions must be positive")
+        if want != -1 and got != want:
+            raise ProtocolError(f"input '{name}': shape {shape} does not match the model's {spec.shape} "
+                                f"(dimension {axis} must be {want})")
+    if shape[0] > max_batch:
+        raise ProtocolError(f"input '{name}': batch size {shape[0]} exceeds maxBatchSize {max_batch}")
+    return tuple(shape)
+
+
+def parse_infer_request(body: bytes, header_length: int | str | None, model: ModelIO,
+                        max_batch: int) -> InferRequest:
+    """Validate a v2 infer request (JSON or binary extension) into arrays ready for the batcher."""
+    if header_length is not None and header_length != "":
+        try:
+            hlen = int(header_length)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        if hlen < 0 or hlen > len(body):
+            raise ProtocolError(f"{HEADER_LENGTH} is {hlen} but the body has only {len(body)} bytes")
+    else:
+        hlen = len(body)
+    view = memoryview(body)
+    header = _loads(view[:hlen])
+    if not isinstance(header, dict):
+        raise ProtocolError("the inference request must be a JSON object")
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError("'id' must be a string")
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError("'parameters' must be an object")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ProtocolError("'inputs' must be a non-empty list")
+
+    offset = hlen
+    inputs: dict[str, np.ndarray] = {}
+    batch = None
+    for item in raw_inputs:
+        if not isinstance(item, dict):
+            raise ProtocolError("each entry of 'inputs' must be an object")
+        name = item.get("name")
+        spec = model.input(name) if isinstance(name, str) else None
+        if spec is None:
+            expected = ", ".join(t.name for t in model.inputs)
+            raise ProtocolError(f"unknown input '{name}'; model '{model.name}' expects: {expected}")
+        if name in inputs:
+            raise ProtocolError(f"input '{name}' is given twice")
+        want_dt = V2_DATATYPE[spec.dtype]
+        if item.get("datatype") != want_dt:
+            raise ProtocolError(f"input '{name}': datatype {item.get('datatype')!r} does not match the model's {want_dt}")
+        dtype = NUMPY_DTYPE[want_dt]
+        shape = _check_shape(name, item.get("shape"), spec, max_batch)
+        count = math.prod(shape)
+        iparams = item.get("parameters") or {}
+        if not isinstance(iparams, dict):
+            raise ProtocolError(f"input '{name}': 'parameters' must be an object")
+        size = iparams.get("binary_data_size")
+        if size is not None:
+            if "data" in item:
+                raise ProtocolError(f"input '{name}' has both 'data' and binary_data_size")
+            if not isinstance(size, int) or size < 0:
+                raise ProtocolError(f"input '{name}': binary_data_size must be a non-negative integer")
+            if offset + size > len(body):
+                raise ProtocolError(f"input '{name}': binary_data_size {size} runs past the end of the body "
+                                    f"({len(body) - offset} bytes left)")
+            if size != count * dtype.itemsize:
+                raise ProtocolError(f"input '{name}': {size} bytes of binary data hold "
+                                    f"{size / dtype.itemsize:g} {want_dt} elements, shape {list(shape)} needs {count}")
+            arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)
+            offset += size
+        else:
+            if "data" not in item:
+                raise ProtocolError(f"input '{name}' has neither 'data' nor binary_data_size")
+            arr = _json_array(item["data"], dtype, name)
+            if arr.size != count:
+                raise ProtocolError(f"input '{name}': data has {arr.size} elements, shape {list(shape)} needs {count}")
+            arr = arr.reshape(shape)
+        if dtype.kind == "f" and not model.allow_non_finite and not np.isfinite(arr).all():
+            raise ProtocolError(f"input '{name}' contains NaN or Inf, which this model does not accept")
+        if batch is None:
+            batch = shape[0]
+        elif shape[0] != batch:
+            raise ProtocolError(f"input '{name}': batch size {shape[0]} differs from the other inputs' {batch}")
+        inputs[name] = arr
+    if offset != len(body):
+        raise ProtocolError(f"{len(body) - offset} bytes of binary data after the last input are not "
+                            f"claimed by any binary_data_size")
+    missing = [t.name for t in model.inputs if t.name not in inputs]
+    if missing:
+        raise ProtocolError(f"missing input(s) {', '.join(missing)} for model '{model.name}'")
+
+    default_binary = bool(params.get("binary_data_output", False))
+    raw_outputs = header.get("outputs")
+    outputs: list[tuple[str, bool]] = []
+    if raw_outputs is None:
+        outputs = [(t.name, default_binary) for t in model.outputs]
+    else:
+        if not isinstance(raw_outputs, list):
+            raise ProtocolError("'outputs' must be a list")
+        for item in raw_outputs:
+            name = item.get("name") if isinstance(item, dict) else None
+            if not isinstance(name, str) or model.output(name) is None:
+                expected = ", ".join(t.name for t in model.outputs)
+                raise ProtocolError(f"unknown output '{name}'; model '{model.name}' has: {expected}")
+            oparams = item.get("parameters") or {}
+            if not isinstance(oparams, dict):
+                raise ProtocolError(f"output '{name}': 'parameters' must be an object")
+            if "classification" in oparams:
+                raise ProtocolError("the classification extension is not supported")
+            outputs.append((name, bool(oparams.get("binary_data", default_binary))))
+    return InferRequest(id=request_id, inputs=inputs, batch=batch or 0, outputs=outputs)
+
+
+def encode_infer_response(model_name: str, request: InferRequest, results: dict[str, np.ndarray],
+                          model_version: str = "1") -> tuple[bytes, int | None]:
+    """(body, header length) of the v2 response; header length is None for pure JSON."""
+    out_meta = []
+    blobs = []
+    for name, binary in request.outputs:
+        arr = results[name]
+        entry: dict[str, Any] = {"name": name, "datatype": _NP_TO_V2[arr.dtype], "shape": list(arr.shape)}
+        if binary:
+            blob = np.ascontiguousarray(arr).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        out_meta.append(entry)
+    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": out_meta}
+    if request.id is not None:
+        response["id"] = request.id
+    head = json.dumps(response, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+def tensor_metadata(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
+    return [{"name": t.name, "datatype": V2_DATATYPE[t.dtype], "shape": list(t.shape)} for t in specs]

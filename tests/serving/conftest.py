@@ -1,0 +1,142 @@
+"""Fixtures for the server tests: a published digits artifact and real uvicorn servers.
+
+Artifacts are written here by hand (copy the ONNX, build a Manifest, publish): the
+server tests must not depend on the builder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import uvicorn
+
+from optimodel.artifact import EngineInfo, Manifest, open_artifact, publish
+from optimodel.batching import BatchingConfig, write_batching_config
+from optimodel.spec import TensorSpec
+
+MODEL = "digits"
+MAX_BATCH = 32
+
+
+def make_artifact(onnx: Path, dest: Path, name: str = MODEL, max_batch: int = MAX_BATCH) -> Path:
+    staging = dest.parent / f"{dest.name}-src"
+    staging.mkdir(parents=True)
+    shutil.copy(onnx, staging / "model.onnx")
+    manifest = Manifest(
+        cache_key="test" + "0" * 60, model_name=name, arch="cpu",
+        engine=EngineInfo(file="model.onnx", format="onnx", precision="fp32",
+                          session_options={"graph_optimization_level": "all"}),
+        inputs=[TensorSpec(name="image", dtype="float32", shape=[-1, 1, 8, 8])],
+        outputs=[TensorSpec(name="logits", dtype="float32", shape=[-1, 10])],
+        max_batch_size=max_batch, versions={"onnxruntime": ort.__version__}, files=[],
+    )
+    publish(staging, manifest, dest.as_uri())
+    return dest
+
+
+@pytest.fixture(scope="session")
+def digits_artifact(digits_build, tmp_path_factory) -> Path:
+    return make_artifact(digits_build / "digits_cnn.onnx", tmp_path_factory.mktemp("store") / "digits")
+
+
+@pytest.fixture(scope="session")
+def digits_images(digits_build) -> np.ndarray:
+    data = np.load(digits_build / "digits_test.npz")
+    key = next(k for k in data.files if data[k].dtype == np.float32 and data[k].ndim == 4)
+    return np.ascontiguousarray(data[key][:64])
+
+
+@pytest.fixture(scope="session")
+def reference(digits_build):
+    """The ONNX run directly with onnxruntime: what the server must answer."""
+    session = ort.InferenceSession(str(digits_build / "digits_cnn.onnx"), providers=["CPUExecutionProvider"])
+    return lambda x: session.run(["logits"], {"image": x})[0]
+
+
+def sample(text: str, name: str, **labels) -> float | None:
+    """Value of one sample in a Prometheus exposition (model/arch labels implied)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    want = {"model": MODEL, "arch": "cpu", **labels}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in want.items()):
+                return s.value
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 30.0, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+class ThreadedServer:
+    """uvicorn serving an app in a background thread of the test process."""
+
+    def __init__(self, app, port: int | None = None):
+        self.app = app
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    access_log=False, loop="uvloop", http="httptools",
+                                                    timeout_graceful_shutdown=None))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        wait_ready(self.url)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "server did not stop"
+
+
+@pytest.fixture
+def serve(digits_artifact, tmp_path):
+    """serve(max_wait_ms=..., max_batch_size=..., **create_app kwargs) -> running ThreadedServer."""
+    from serving_image.app import create_app
+    from serving_image.backends import load_backend
+
+    started = []
+
+    def start(max_wait_ms: float = 2.0, max_batch_size: int = MAX_BATCH, max_queue: int = 1024,
+              threads: int = 1, **kwargs) -> ThreadedServer:
+        local, manifest = open_artifact(digits_artifact.as_uri())
+        config = BatchingConfig(max_wait_ms=max_wait_ms, max_batch_size=max_batch_size, max_queue=max_queue)
+        config_path = tmp_path / f"config{len(started)}" / "batching.json"
+        write_batching_config(config_path, config)
+        app = create_app(load_backend(local, manifest, threads=threads), manifest, config,
+                         config_path=config_path, **kwargs)
+        srv = ThreadedServer(app).__enter__()
+        srv.config_path = config_path
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.__exit__(None, None, None)

@@ -1,0 +1,95 @@
+"""`python -m builder_job --request FILE [--result FILE]`.
+
+The last stdout line is the BuildResult as one line of JSON; it also goes to
+/dev/termination-log when that exists (the operator reads it from the pod's
+status) and to --result when given. Exit 0: Succeeded (a cache hit too);
+1: Failed; 2: the request file cannot be read or is not a valid BuildRequest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from optimodel.build import TERMINATION_LOG, BuildReason, BuildRequest, BuildResult
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_REQUEST = 0, 1, 2
+
+# tests and local runs point this elsewhere; a pod has /dev/termination-log
+TERMINATION_LOG_ENV = "OPTIMODEL_TERMINATION_LOG"
+PROFILE_SECONDS_ENV = "OPTIMODEL_PROFILE_SECONDS"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m builder_job", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--request", required=True, type=Path, help="BuildRequest JSON file")
+    parser.add_argument("--result", type=Path, help="also write the result line here")
+    parser.add_argument("--workdir", type=Path, help="keep intermediate files here (debugging)")
+    return parser.parse_args(argv)
+
+
+def read_request(path: Path) -> BuildRequest:
+    """The request, or ValueError naming the file and the offending field."""
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read build request {path}: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"build request {path} is not JSON: {exc}") from exc
+    try:
+        return BuildRequest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"field '{'.'.join(str(p) for p in err['loc']) or '(root)'}': {err['msg']}"
+                             for err in exc.errors())
+        raise ValueError(f"build request {path} is invalid: {problems}") from exc
+
+
+def emit(result: BuildResult, result_file: Path | None) -> None:
+    line = result.line()
+    for target in filter(None, [result_file, Path(os.environ.get(TERMINATION_LOG_ENV, TERMINATION_LOG))]):
+        if target == result_file or target.exists():
+            try:
+                target.write_text(line + "\n")
+            except OSError as exc:
+                print(f"[builder] cannot write the result to {target}: {exc}", file=sys.stderr)
+    sys.stderr.flush()
+    print(line, flush=True)
+
+
+def _raw_cache_key(path: Path) -> str:
+    try:
+        value = json.loads(path.read_text()).get("cacheKey", "")
+        return value if isinstance(value, str) else ""
+    except Exception:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        request = read_request(args.request)
+    except ValueError as exc:
+        print(f"[builder] {exc}", file=sys.stderr)
+        emit(BuildResult(state="Failed", reason=BuildReason.BUILD_FAILED, cache_key=_raw_cache_key(args.request),
+                         message=str(exc)), args.result)
+        return EXIT_BAD_REQUEST
+
+    from builder_job.pipeline import BuildOptions, run_build
+    from builder_job.profile import ProfileSettings
+
+    options = BuildOptions(workdir=args.workdir)
+    if os.environ.get(PROFILE_SECONDS_ENV):
+        options.profiling = ProfileSettings(seconds_per_batch=float(os.environ[PROFILE_SECONDS_ENV]))
+    result = run_build(request, options=options)
+    emit(result, args.result)
+    return EXIT_OK if result.state == "Succeeded" else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""The Helm chart in charts/optimodel: renders, validates against Kubernetes 1.37, lints,
+ships the generated CRD unchanged, grants exactly the RBAC the operator needs, and carries
+a working Argo CD health check. Offline: helm-python binds libhelm_c, no helm binary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "optimodel"
+KUBE = "1.37.0"
+RELEASE = "om"
+NAMESPACE = "optimodel-system"
+
+OVERRIDE = {
+    "podMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "interval": "30s"},
+    "watchNamespaces": ["team-a", "team-b"],
+    "store": {"pvc": {"create": False, "existingClaim": "models", "subPath": "optimodel"}},
+    "prometheus": {"url": "http://prometheus-operated.monitoring:9090"},
+    "image": {"builder": {"repository": "registry.example/builder", "tag": "1.2.3", "pullPolicy": "Always"}},
+    "builder": {
+        "tolerations": [{"key": "gpu", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}],
+        "toolchain": {"tensorrt": "10.13.3", "onnxruntime": "1.23.2"},
+        "activeDeadlineSeconds": 7200,
+    },
+}
+S3 = {"store": {"uri": "s3://models/optimodel", "credentialsSecret": "store-creds"}}
+
+STANDARD_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/part-of",
+)
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart, values=None) -> dict[str, str]:
+    return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def objects(rendered: dict[str, str]) -> list[dict]:
+    docs = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def operator_container(docs):
+    deployment = one(docs, "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def env_of(container) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+# ---- rendering and validation ------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, OVERRIDE, S3], ids=["defaults", "override", "s3"])
+def test_every_manifest_validates_against_kubernetes_1_37(chart, values):
+    docs = objects(render(chart, values))
+    kinds = sorted(d["kind"] for d in docs)
+    assert {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "ConfigMap"} <= set(kinds)
+    for doc in docs:
+        if doc["kind"] == "PodMonitor":
+            continue  # a Prometheus Operator CRD kubernetes-validate does not know; see test_pod_monitor
+        kubernetes_validate.validate(doc, KUBE, strict=True)
+        labels = doc["metadata"]["labels"]
+        missing = [k for k in STANDARD_LABELS if k not in labels]
+        assert not missing, f"{doc['kind']} {doc['metadata']['name']} lacks labels {missing}"
+        assert labels["app.kubernetes.io/part-of"] == "optimodel"
+        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"] == NAMESPACE
+
+
+def test_defaults_render_the_expected_objects(chart):
+    docs = objects(render(chart))
+    assert sorted(d["kind"] for d in docs) == sorted(
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "PersistentVolumeClaim", "ConfigMap"]
+    )
+
+
+@pytest.mark.parametrize("values", [None, OVERRIDE, S3], ids=["defaults", "override", "s3"])
+def test_helm_lint_passes(values):
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.37.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], report
+
+
+def test_chart_crd_is_the_generated_crd(chart):
+    chart_crd = CHART / "crds" / "optimizedmodel.yaml"
+    repo_crd = ROOT / "crds" / "optimizedmodel.yaml"
+    assert not chart_crd.is_symlink(), "the chart must carry a copy: helm packages symlinks poorly"
+    assert chart_crd.read_bytes() == repo_crd.read_bytes(), (
+        "charts/optimodel/crds/optimizedmodel.yaml drifted from crds/optimizedmodel.yaml; re-copy it: "
+        "cp crds/optimizedmodel.yaml charts/optimodel/crds/optimizedmodel.yaml"
+    )
+    [loaded] = chart.crds  # and Helm sees it as the chart's CRD
+    assert yaml.safe_load(loaded["data"])["metadata"]["name"] == "optimizedmodels.optimodel.io"
+
+
+# ---- RBAC ------------------------------------------------------------------------------
+
+CRUD = {"create", "get", "list", "watch", "patch", "update", "delete"}
+REQUIRED_RBAC = {
+    ("optimodel.io", "optimizedmodels"): {"get", "list", "watch", "patch", "update"},
+    ("optimodel.io", "optimizedmodels/status"): {"get", "list", "watch", "patch", "update"},
+    ("optimodel.io", "optimizedmodels/finalizers"): {"get", "list", "watch", "patch", "update"},
+    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
+    ("apps", "deployments"): CRUD,
+    ("", "services"): CRUD,
+    ("", "configmaps"): CRUD,
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods/log"): {"get", "list", "watch"},
+    ("", "nodes"): {"get", "list", "watch"},
+    ("", "secrets"): {"get"},
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+    ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
+    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
+}
+
+
+def granted(role) -> dict[tuple[str, str], set[str]]:
+    grants: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                grants.setdefault((group, resource), set()).update(rule["verbs"])
+    return grants
+
+
+def test_cluster_role_grants_what_the_operator_needs_and_nothing_more(chart):
+    role = one(objects(render(chart)), "ClusterRole")
+    grants = granted(role)
+    for key, verbs in REQUIRED_RBAC.items():
+        assert verbs <= grants.get(key, set()), f"{key}: missing {sorted(verbs - grants.get(key, set()))}"
+    extra = {k: sorted(v - REQUIRED_RBAC.get(k, set())) for k, v in grants.items() if v - REQUIRED_RBAC.get(k, set())}
+    assert extra == {}, f"grants beyond least privilege: {extra}"
+    assert not any("*" in r["verbs"] or "*" in r["resources"] or "*" in r["apiGroups"] for r in role["rules"])
+
+
+def test_cluster_role_binding_binds_the_operator_service_account(chart):
+    docs = objects(render(chart))
+    binding, role, account = one(docs, "ClusterRoleBinding"), one(docs, "ClusterRole"), one(docs, "ServiceAccount")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+
+
+# ---- operator Deployment -------------------------------------------------------------
+
+
+def test_settings_reach_the_operator_as_env(chart):
+    container = operator_container(objects(render(chart, OVERRIDE)))
+    env = env_of(container)
+    assert env["OPTIMODEL_STORE_URI"] == "pvc://models/optimodel"
+    assert env["OPTIMODEL_BUILDER_IMAGE"] == "registry.example/builder:1.2.3"
+    assert env["OPTIMODEL_BUILDER_IMAGE_PULL_POLICY"] == "Always"
+    assert env["OPTIMODEL_SERVING_IMAGE"] == "ghcr.io/optimodel/serving:0.1.0"  # tag defaults to appVersion
+    assert env["OPTIMODEL_PROMETHEUS_URL"] == "http://prometheus-operated.monitoring:9090"
+    assert env["OPTIMODEL_NAMESPACES"] == "team-a,team-b"
+    assert json.loads(env["OPTIMODEL_BUILDER_TOLERATIONS"]) == OVERRIDE["builder"]["tolerations"]
+    assert json.loads(env["OPTIMODEL_BUILDER_TOOLCHAIN"]) == OVERRIDE["builder"]["toolchain"]
+    assert env["OPTIMODEL_BUILDER_ACTIVE_DEADLINE_SECONDS"] == "7200"
+    assert json.loads(env["OPTIMODEL_BUILDER_RESOURCES"])["requests"]["memory"] == "8Gi"
+    assert container["image"] == "ghcr.io/optimodel/operator:0.1.0"
+
+
+def test_default_env_watches_all_namespaces_and_omits_the_toolchain(chart):
+    env = env_of(operator_container(objects(render(chart))))
+    assert env["OPTIMODEL_NAMESPACES"] == ""
+    assert "OPTIMODEL_BUILDER_TOOLCHAIN" not in env
+    assert json.loads(env["OPTIMODEL_BUILDER_TOLERATIONS"]) == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert "OPTIMODEL_STORE_CREDENTIALS_SECRET" not in env
+
+
+def test_operator_command_and_kopf_liveness_probe(chart):
+    container = operator_container(objects(render(chart)))
+    assert container["command"] == ["python", "-m", "optimodel_operator"]
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+    [port] = container["ports"]
+    assert port["containerPort"] == 8080
+    probe = container["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz" and probe["port"] in (8080, port["name"])
+
+
+def test_one_operator_replica_and_no_overlap_on_rollout(chart):
+    # kopf peering pauses same-priority peers (or, with no peering object, both act): not HA
+    deployment = one(objects(render(chart)), "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+
+
+def test_operator_pod_meets_restricted_pod_security(chart):
+    pod = one(objects(render(chart, OVERRIDE)), "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsUser"] != 0
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(key)
+    assert all("hostPath" not in v for v in pod["volumes"])
+    for container in pod["containers"] + pod.get("initContainers", []):
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc.get("privileged") is not True
+        # a read-only root still needs a writable /tmp
+        assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
+
+
+# ---- artifact store ----------------------------------------------------------------------
+
+
+def store_volume(docs):
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    return volumes.get("store"), mounts.get("store")
+
+
+def test_default_store_is_a_created_pvc_mounted_where_pvc_uris_resolve(chart):
+    docs = objects(render(chart))
+    pvc = one(docs, "PersistentVolumeClaim")
+    claim = pvc["metadata"]["name"]
+    assert env_of(operator_container(docs))["OPTIMODEL_STORE_URI"] == f"pvc://{claim}/artifacts"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    volume, mount = store_volume(docs)
+    assert volume["persistentVolumeClaim"]["claimName"] == claim
+    assert mount["mountPath"] == f"/mnt/pvc/{claim}"  # optimodel.storage: $OPTIMODEL_PVC_ROOT/<claim>
+    assert env_of(operator_container(docs))["OPTIMODEL_PVC_ROOT"] == "/mnt/pvc"
+
+
+def test_existing_claim_is_mounted_and_not_created(chart):
+    docs = objects(render(chart, OVERRIDE))
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    volume, mount = store_volume(docs)
+    assert volume["persistentVolumeClaim"]["claimName"] == "models"
+    assert mount["mountPath"] == "/mnt/pvc/models"
+
+
+def test_s3_store_mounts_nothing_and_loads_credentials(chart):
+    docs = objects(render(chart, S3))
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert store_volume(docs) == (None, None)
+    container = operator_container(docs)
+    assert env_of(container)["OPTIMODEL_STORE_URI"] == "s3://models/optimodel"
+    assert env_of(container)["OPTIMODEL_STORE_CREDENTIALS_SECRET"] == "store-creds"
+    assert container["envFrom"] == [{"secretRef": {"name": "store-creds"}}]
+
+
+def test_no_store_at_all_fails_with_a_message(chart):
+    with pytest.raises(helm.HelmError, match="no artifact store"):
+        render(chart, {"store": {"pvc": {"create": False}}})
+
+
+# ---- values schema -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"operator": {"replicas": "two"}}, "got string, want integer"),
+        ({"operator": {"replicas": 2}}, "maximum"),
+        ({"store": {"uri": "ftp://host/models"}}, "does not match pattern"),
+        ({"watchNamespaces": "team-a"}, "want array"),
+        ({"podMonitor": {"enabled": "yes"}}, "want boolean"),
+        ({"image": {"operator": {"repository": "x", "pullPolicy": "Sometimes"}}}, "pullPolicy"),
+        ({"builder": {"tolerations": {"key": "gpu"}}}, "want array"),
+        ({"opertor": {"replicas": 1}}, "additional properties 'opertor'"),
+    ],
+)
+def test_schema_rejects_invalid_values(chart, values, message):
+    with pytest.raises(helm.HelmValuesError, match=message):
+        chart.validate_schema(values)
+    with pytest.raises(helm.HelmValuesError):
+        render(chart, values)
+
+
+def test_schema_accepts_the_defaults_and_the_overrides(chart):
+    for values in (None, OVERRIDE, S3):
+        chart.validate_schema(chart.merge_values(values))
+
+
+# ---- PodMonitor ------------------------------------------------------------------------
+
+
+def test_pod_monitor_scrapes_serving_pods(chart):
+    assert not [d for d in objects(render(chart)) if d["kind"] == "PodMonitor"]
+    monitor = one(objects(render(chart, OVERRIDE)), "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    spec = monitor["spec"]
+    assert spec["selector"] == {
+        "matchLabels": {"app.kubernetes.io/component": "serving", "app.kubernetes.io/part-of": "optimodel"}
+    }
+    assert spec["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+    [endpoint] = spec["podMetricsEndpoints"]
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics" and endpoint["interval"] == "30s"
+    assert set(spec) == {"selector", "namespaceSelector", "podMetricsEndpoints"}
+
+
+def test_pod_monitor_watches_any_namespace_by_default(chart):
+    monitor = one(objects(render(chart, {"podMonitor": {"enabled": True}})), "PodMonitor")
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+
+
+# ---- Argo CD health check ------------------------------------------------------------------
+
+LUA_FILE = CHART / "files" / "argocd-health.lua"
+ARGOCD_KEY = "resource.customizations.health.optimodel.io_OptimizedModel"
+
+
+def test_argocd_health_lua_ships_in_a_config_map_and_notes_say_how_to_wire_it(chart):
+    rendered = render(chart)
+    config_map = one(objects(rendered), "ConfigMap")
+    assert config_map["data"]["health.lua"].strip() == LUA_FILE.read_text().strip()
+    assert "hs.status" in config_map["data"]["health.lua"]
+    notes = next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+    assert ARGOCD_KEY in notes and "argocd-cm" in notes
+    disabled = objects(render(chart, {"argocd": {"healthCheck": {"enabled": False}}}))
+    assert not [d for d in disabled if d["kind"] == "ConfigMap"]
+
+
+def model(generation=2, observed=2, ready=None, ready_generation=None):
+    obj = {"apiVersion": "optimodel.io/v1alpha1", "kind": "OptimizedModel",
+           "metadata": {"name": "digits", "namespace": "ml", "generation": generation}}
+    if observed is None and ready is None:
+        return obj
+    status: dict = {"observedGeneration": observed, "conditions": []}
+    if ready is not None:
+        status_value, reason = ready
+        cond = {"type": "Ready", "status": status_value, "reason": reason, "message": f"{reason} happened",
+                "lastTransitionTime": "2026-11-01T00:00:00Z"}
+        if ready_generation is not None:
+            cond["observedGeneration"] = ready_generation
+        status["conditions"] = [{"type": "Built", "status": "True", "reason": "Succeeded",
+                                 "lastTransitionTime": "2026-11-01T00:00:00Z"}, cond]
+    obj["status"] = status
+    return obj
+
+
+@pytest.fixture(scope="module")
+def health():
+    """Runs the chart's Lua the way Argo CD does: Lua 5.1 (gopher-lua), the object as global `obj`."""
+    lua51 = pytest.importorskip("lupa.lua51", reason="lupa (pip install lupa) runs the Argo CD Lua; not installed")
+    script = LUA_FILE.read_text()
+
+    def run(obj: dict) -> tuple[str, str]:
+        lua = lua51.LuaRuntime(unpack_returned_tuples=True)
+        lua.globals().obj = lua.table_from(obj, recursive=True)
+        result = lua.execute(script)
+        return result["status"], result["message"]
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "obj, expected",
+    [
+        (model(ready=("True", "Serving"), ready_generation=2), "Healthy"),
+        (model(ready=("False", "AccuracyGateFailed")), "Degraded"),
+        (model(ready=("False", "BuildFailed")), "Degraded"),
+        (model(ready=("False", "RolloutFailed")), "Degraded"),  # any *Failed reason
+        (model(ready=("False", "Building")), "Progressing"),
+        (model(ready=("Unknown", "Pending")), "Progressing"),
+        (model(generation=3, observed=2, ready=("True", "Serving")), "Progressing"),  # spec changed, not seen yet
+        (model(generation=3, observed=3, ready=("True", "Serving"), ready_generation=2), "Progressing"),
+        (model(observed=2), "Progressing"),  # no Ready condition yet
+        (model(observed=None), "Progressing"),  # no status at all
+    ],
+    ids=["ready", "gate-failed", "build-failed", "any-failed", "building", "unknown",
+         "generation-ahead", "stale-ready", "no-ready", "no-status"],
+)
+def test_argocd_health_lua(health, obj, expected):
+    status, message = health(obj)
+    assert status == expected, message
+    assert message
+
+
+def test_argocd_health_lua_degrades_on_every_build_failure_reason(health):
+    from optimodel.build import BuildReason
+
+    failures = [r.value for r in BuildReason if r not in (BuildReason.SUCCEEDED, BuildReason.CACHE_HIT)]
+    assert "AccuracyGateFailed" in failures
+    wrong = {r: health(model(ready=("False", r)))[0] for r in failures}
+    assert {r: s for r, s in wrong.items() if s != "Degraded"} == {}, "add the reason to degradedReasons in files/argocd-health.lua"
+    status, message = health(model(ready=("False", "AccuracyGateFailed")))
+    assert message == "AccuracyGateFailed: AccuracyGateFailed happened"

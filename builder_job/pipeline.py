@@ -157,7 +157,7 @@ def _build(request: BuildRequest, s: _State, log: StageLog, options: BuildOption
         with log.stage("gate"):
             s.accuracy = gate.run_gate(opt.accuracy_gate, reference_runner(request, s), s.engine_runner,
                                        s.datasets["gate"], [t.name for t in request.source.inputs],
-                                       batch_size=min(gate.GATE_BATCH, request.max_batch_size))
+                                       batch_size=_gate_batch(request))
             log.info(f"gate {s.accuracy.metric}: original {s.accuracy.original:.4f}, "
                      f"optimized {s.accuracy.optimized:.4f}, drop {s.accuracy.drop:.4f} <= {opt.accuracy_gate.max_drop}")
     with log.stage("profile"):
@@ -282,6 +282,13 @@ def _any_data(s: _State) -> dict[str, np.ndarray] | None:
         if purpose in s.datasets:
             return s.datasets[purpose]
     return None
+
+
+def _gate_batch(request: BuildRequest) -> int:
+    # a TensorRT engine takes no batch beyond its profile; ONNX Runtime takes any
+    if request.target.kind == "gpu":
+        return min(gate.GATE_BATCH, request.max_batch_size)
+    return gate.GATE_BATCH
 
 
 def _declared_outputs(request: BuildRequest, onnx_path: Path) -> list[TensorSpec]:

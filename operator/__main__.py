@@ -1,0 +1,42 @@
+"""`python -m optimodel_operator`: run the operator against the current kubeconfig or in-cluster config.
+
+Watches every namespace unless OPTIMODEL_NAMESPACES lists some; replicas
+coordinate through kopf peering (OPTIMODEL_PEERING names the ClusterKopfPeering,
+or the KopfPeering in each watched namespace), so only one of them acts.
+See optimodel_operator.settings for every variable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import kopf
+
+from optimodel_operator.settings import Settings, SettingsError
+
+
+def main() -> int:
+    try:
+        cfg = Settings.from_env()
+    except SettingsError as exc:
+        print(f"optimodel-operator: {exc}", file=sys.stderr)
+        return 2
+    verbose = os.environ.get("OPTIMODEL_LOG_LEVEL", "INFO").upper() == "DEBUG"
+    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
+    logging.getLogger("optimodel_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
+    import optimodel_operator.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        clusterwide=not cfg.namespaces,
+        namespaces=list(cfg.namespaces),
+        peering_name=cfg.peering or None,
+        standalone=not cfg.peering,
+        liveness_endpoint=os.environ.get("OPTIMODEL_LIVENESS", "http://0.0.0.0:8081/healthz"),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The reconcile loop around the pure decisions: gather, decide, act, report.
+
+One Controller per operator run (kept in kopf's memo). It reads what exists from
+kopf's in-memory indexes (no API reads per reconcile), overlays its own recent
+writes the watches have not delivered yet, runs reconcile.decide, carries out
+the actions through kube.Kube and writes status only when it changed. Reconciles
+of one model never overlap (a lock per model) and triggers that arrive while one
+is queued fold into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping
+
+from optimodel.artifact import is_published
+from optimodel.spec import API_GROUP, API_VERSION, KIND, PLURAL
+
+from optimodel_operator import discovery, render
+from optimodel_operator import status as cond
+from optimodel_operator.kube import Kube, KubeError, collection_path, object_path
+from optimodel_operator.reconcile import (Apply, CreateJob, DeleteJob, DeploymentView, Event, JobView, Observed,
+                                          Scale, decide, status_changed)
+from optimodel_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+OM_API = f"{API_GROUP}/{API_VERSION}"
+# status fields only this operator writes; the rest (Tuned, serving metrics) belongs to the tuner
+OWNED_STATUS = ("observedGeneration", "engines")
+
+
+def first(store) -> Any:
+    for item in store or ():
+        return item
+    return None
+
+
+class Controller:
+    def __init__(self, settings: Settings, kube: Kube, indexes: Mapping[str, Any]):
+        self.settings, self.kube, self.indexes = settings, kube, indexes
+        self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
+        self.locks: dict[tuple, threading.Lock] = defaultdict(threading.Lock)
+        self.queued: set[tuple] = set()
+        self.queued_lock = threading.Lock()
+        self.fleet: dict | None = None
+        self.written: dict[str, tuple[int | None, dict]] = {}  # uid -> (generation, status we wrote)
+        self.recent: dict[tuple, dict] = {}  # (kind, ns, name) -> object written, until the watch shows it
+        self.published: set[str] = set()
+        self.indexed = False
+        self.seen_generation: dict[str, int | None] = {}
+        self.reconciles = 0
+
+    # ---- scheduling -------------------------------------------------------------------
+    def trigger(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        with self.queued_lock:
+            if key in self.queued:
+                return
+            self.queued.add(key)
+        self.pool.submit(self._run, key)
+
+    def trigger_all(self) -> None:
+        for (namespace, name) in list(self.indexes["om_index"].keys()):
+            self.trigger(namespace, name)
+
+    def _run(self, key: tuple) -> None:
+        with self.locks[key]:
+            with self.queued_lock:
+                self.queued.discard(key)
+            try:
+                self.reconcile(*key)
+            except Exception:
+                log.exception("reconcile of %s/%s failed; the next trigger or resync retries", *key)
+
+    async def resync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.resync_seconds)
+            if self.indexed:
+                self.update_fleet()
+                self.trigger_all()
+
+    def update_fleet(self) -> bool:
+        fleet = discovery.fleet(self.indexes["node_index"].get("gpu", ()))
+        changed = fleet != self.fleet
+        if changed:
+            log.info("GPU fleet: %s", ", ".join(f"{a} ({t.product or '?'})" for a, t in fleet.items()) or "none")
+            self.fleet = fleet
+        return changed
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.kube.close()
+
+    # ---- gather -----------------------------------------------------------------------
+    def observe(self, namespace: str, name: str) -> Observed:
+        idx = self.indexes
+        obs = Observed()
+        for job in idx["job_index"].get((namespace, name), ()):
+            obs.jobs[job.name] = job
+            self.recent.pop(("Job", namespace, job.name), None)
+        for (kind, ns, jname), obj in list(self.recent.items()):
+            if kind == "Job" and ns == namespace and obj["metadata"]["labels"][render.L_MODEL] == name:
+                if jname not in obs.jobs:
+                    obs.jobs[jname] = JobView(
+                        name=jname, arch=obj["metadata"]["labels"][render.L_ARCH],
+                        cache_key=obj["metadata"]["labels"][render.L_KEY], state="Active")
+        for jname in obs.jobs:
+            obs.pods[jname] = list(idx["pod_index"].get((namespace, jname), ()))
+        for dep in idx["deployment_index"].get((namespace, name), ()):
+            obs.deployments[dep.arch] = dep
+        for arch, dep in list(obs.deployments.items()):
+            mine = self.recent.get(("Deployment", namespace, dep.name))
+            if mine is None:
+                continue
+            view = DeploymentView.from_deployment(mine)
+            if view.config_hash == dep.config_hash and view.replicas == dep.replicas:
+                self.recent.pop(("Deployment", namespace, dep.name), None)
+            else:
+                obs.deployments[arch] = view
+        for (kind, ns, dname), obj in list(self.recent.items()):
+            if kind == "Deployment" and ns == namespace and obj["metadata"]["labels"][render.L_MODEL] == name:
+                arch = obj["metadata"]["labels"][render.L_ARCH]
+                obs.deployments.setdefault(arch, DeploymentView.from_deployment(obj))
+        obs.service_hash = first(idx["service_index"].get((namespace, name), ()))
+        obs.batching_json = first(idx["batching_index"].get((namespace, name), ()))
+        for kind, attr, value_of in (("Service", "service_hash", lambda o: o["metadata"]["annotations"][render.A_HASH]),
+                                     ("ConfigMap", "batching_json", lambda o: o["data"][render.BATCHING_FILE])):
+            key = (kind, namespace, render.service_name(name) if kind == "Service" else render.batching_name(name))
+            mine = self.recent.get(key)
+            if mine is not None:
+                if getattr(obs, attr) == value_of(mine):
+                    self.recent.pop(key, None)
+                else:
+                    setattr(obs, attr, value_of(mine))
+        return obs
+
+    def status_of(self, body: Mapping) -> dict:
+        status = dict(body.get("status") or {})
+        uid = body["metadata"].get("uid", "")
+        mine = self.written.get(uid)
+        if mine is not None and mine[0] == body["metadata"].get("generation"):
+            _, written = mine
+            for k in OWNED_STATUS:
+                if k in written:
+                    status[k] = written[k]
+            others = [c for c in status.get("conditions") or [] if c.get("type") not in cond.OWNED]
+            status["conditions"] = [c for c in written.get("conditions", []) if c.get("type") in cond.OWNED] + others
+        return status
+
+    def is_published(self, uri: str) -> bool:
+        if uri in self.published:
+            return True
+        if is_published(uri):
+            self.published.add(uri)  # a published artifact never changes under its key
+            return True
+        return False
+
+    def secret_exists(self, namespace: str, name: str) -> bool:
+        return self.kube.get(object_path("v1", "secrets", namespace, name)) is not None
+
+    # ---- the reconcile ------------------------------------------------------------------
+    def reconcile(self, namespace: str, name: str) -> None:
+        body = first(self.indexes["om_index"].get((namespace, name), ()))
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return  # gone or going: ownerReferences let the garbage collector take the children
+        self.reconciles += 1
+        if self.fleet is None:
+            self.update_fleet()
+        model = render.ModelRef.from_body(body)
+        generation = body["metadata"].get("generation")
+        status = self.status_of(body)
+        decision = decide(model=model, raw_spec=body.get("spec"), generation=generation, status=status,
+                          fleet=self.fleet or {}, observed=self.observe(namespace, name), settings=self.settings,
+                          published=self.is_published, secret_exists=lambda s: self.secret_exists(namespace, s),
+                          now=cond.now_iso())
+        for action in decision.actions:
+            try:
+                self.act(model, action)
+            except KubeError as exc:
+                log.warning("%s/%s: %s failed: %s", namespace, name, type(action).__name__, exc)
+                decision.events.append(_api_error(action, exc))
+        if status_changed(status, decision.status):
+            path = object_path(OM_API, PLURAL, namespace, name, "status")
+            try:
+                self.kube.merge_patch(path, {"status": decision.status})
+                self.written[model.uid] = (generation, decision.status)
+            except KubeError as exc:
+                if exc.status != 404:
+                    raise
+        for event in decision.events:
+            self.post_event(model, event)
+
+    def act(self, model: render.ModelRef, action) -> None:
+        ns = model.namespace
+        if isinstance(action, CreateJob):
+            self.kube.create(action.request)
+            created = self.kube.create(action.job)
+            self.recent[("Job", ns, action.name)] = action.job
+            log.info("%s/%s: %s Job %s", ns, model.name, "created" if created else "found existing", action.name)
+        elif isinstance(action, DeleteJob):
+            self.kube.delete(object_path("batch/v1", "jobs", ns, action.name))
+            self.recent.pop(("Job", ns, action.name), None)
+        elif isinstance(action, Apply):
+            self.kube.apply(action.obj)
+            self.recent[(action.obj["kind"], ns, action.obj["metadata"]["name"])] = action.obj
+        elif isinstance(action, Scale):
+            self.kube.merge_patch(object_path("apps/v1", "deployments", ns, action.name),
+                                  {"spec": {"replicas": action.replicas}})
+            mine = self.recent.get(("Deployment", ns, action.name))
+            if mine is not None:
+                mine["spec"]["replicas"] = action.replicas
+
+    def post_event(self, model: render.ModelRef, event) -> None:
+        now = cond.now_iso()
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{model.name}.{uuid.uuid4().hex[:16]}", "namespace": model.namespace},
+            "involvedObject": {"apiVersion": OM_API, "kind": KIND, "name": model.name,
+                               "namespace": model.namespace, "uid": model.uid},
+            "reason": event.reason, "message": event.message[:1024], "type": event.type,
+            "source": {"component": render.MANAGED_BY}, "reportingComponent": render.MANAGED_BY,
+            "reportingInstance": render.MANAGED_BY, "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        try:
+            self.kube.request("POST", collection_path("v1", "events", model.namespace), body)
+        except KubeError as exc:
+            log.debug("event %s not posted: %s", event.reason, exc)
+
+
+
+def _api_error(action, exc: KubeError) -> Event:
+    return Event("Warning", "ApiError", f"{type(action).__name__} failed: {exc}"[:1000])

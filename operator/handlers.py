@@ -1,0 +1,135 @@
+"""kopf handlers: thin. They keep indexes of what exists and tell the Controller which model to look at.
+
+Nothing here decides anything; see reconcile.py. No handler requires a finalizer,
+so deleting an OptimizedModel is plain garbage collection of its children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import kopf
+
+from optimodel.spec import API_GROUP, API_VERSION, PLURAL
+
+from optimodel_operator import discovery, render
+from optimodel_operator.controller import Controller
+from optimodel_operator.kube import Kube
+from optimodel_operator.reconcile import DeploymentView, JobView, PodView
+from optimodel_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+OM = (API_GROUP, API_VERSION, PLURAL)
+INDEXES = ("om_index", "node_index", "job_index", "pod_index", "deployment_index", "service_index", "batching_index")
+MINE = {render.L_MANAGED_BY: render.MANAGED_BY}
+
+
+def _with(component: str) -> dict:
+    return {**MINE, render.L_COMPONENT: component}
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **kwargs) -> None:
+    cfg = Settings.from_env()
+    settings.posting.reporting_component = render.MANAGED_BY
+    settings.persistence.finalizer = "optimodel.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="optimodel.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="optimodel.io")
+    settings.posting.enabled = False  # events are posted by the Controller, on transitions only
+    # only the operator's own children are streamed, not every Pod of the cluster
+    for resource in ("jobs", "pods", "deployments", "services", "configmaps"):
+        settings.watching.label_selectors[resource] = render.SELECTOR
+    loop = asyncio.get_running_loop()
+    kube = await loop.run_in_executor(None, Kube)
+    ctrl = Controller(cfg, kube, {name: kwargs[name] for name in INDEXES})
+    memo.ctrl = ctrl
+    memo.resync = asyncio.create_task(ctrl.resync_forever(), name="optimodel resync")
+    logger.info("optimodel operator: store %s, builder %s, serving %s, resync %ss",
+                cfg.store_uri, cfg.builder_image, cfg.serving_image, cfg.resync_seconds)
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_) -> None:
+    task = getattr(memo, "resync", None)
+    if task is not None:
+        task.cancel()
+    ctrl = getattr(memo, "ctrl", None)
+    if ctrl is not None:
+        ctrl.close()
+
+
+# ---- indexes: what exists, kept in memory from the watch streams ------------------------
+
+@kopf.index(*OM)
+async def om_index(namespace, name, body, **_):
+    return {(namespace, name): {k: dict(body.get(k) or {}) for k in ("metadata", "spec", "status")}}
+
+
+@kopf.index("nodes")
+async def node_index(body, **_):
+    target = discovery.node_target(body)
+    return {"gpu": target} if target is not None else None
+
+
+@kopf.index("batch", "v1", "jobs", labels=_with(render.BUILDER))
+async def job_index(namespace, labels, body, **_):
+    return {(namespace, labels.get(render.L_MODEL)): JobView.from_job(body)}
+
+
+@kopf.index("pods", labels=_with(render.BUILDER))
+async def pod_index(namespace, body, **_):
+    pod = PodView.from_pod(body)
+    return {(namespace, pod.job): pod}
+
+
+@kopf.index("apps", "v1", "deployments", labels=_with(render.SERVER))
+async def deployment_index(namespace, labels, body, **_):
+    return {(namespace, labels.get(render.L_MODEL)): DeploymentView.from_deployment(body)}
+
+
+@kopf.index("services", labels=_with(render.SERVICE))
+async def service_index(namespace, labels, annotations, **_):
+    return {(namespace, labels.get(render.L_MODEL)): annotations.get(render.A_HASH, "")}
+
+
+@kopf.index("configmaps", labels=_with(render.BATCHING))
+async def batching_index(namespace, labels, body, **_):
+    return {(namespace, labels.get(render.L_MODEL)): (body.get("data") or {}).get("batching.json", "")}
+
+
+# ---- triggers: which model to look at ------------------------------------------------------
+
+@kopf.on.event(*OM)
+async def model_changed(type, namespace, name, meta, memo, **_):
+    ctrl: Controller = memo.ctrl
+    ctrl.indexed = True
+    if type == "DELETED" or meta.get("deletionTimestamp"):
+        return
+    # status-only writes (our own, the tuner's) keep the generation: nothing to decide
+    seen = ctrl.seen_generation.get(meta.get("uid"))
+    if type == "MODIFIED" and seen == meta.get("generation"):
+        return
+    ctrl.seen_generation[meta.get("uid")] = meta.get("generation")
+    ctrl.trigger(namespace, name)
+
+
+@kopf.on.event("nodes")
+async def node_changed(memo, **_):
+    ctrl: Controller = memo.ctrl
+    ctrl.indexed = True
+    if ctrl.update_fleet():
+        ctrl.trigger_all()
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=_with(render.BUILDER))
+@kopf.on.event("pods", labels=_with(render.BUILDER))
+@kopf.on.event("apps", "v1", "deployments", labels=_with(render.SERVER))
+@kopf.on.event("services", labels=_with(render.SERVICE))
+@kopf.on.event("configmaps", labels=_with(render.BATCHING))
+async def child_changed(namespace, labels, memo, **_):
+    ctrl: Controller = memo.ctrl
+    ctrl.indexed = True
+    model = labels.get(render.L_MODEL)
+    if model:
+        ctrl.trigger(namespace, model)

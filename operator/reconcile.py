@@ -1,0 +1,471 @@
+"""Reconcile decisions (pure): spec + fleet + what exists → actions and the new status.
+
+The caller (handlers.py) gathers what exists from kopf indexes, passes the two
+lookups that touch the outside world (is an artifact published, does a Secret
+exist) as callables, and carries out the actions. Nothing here talks to the API,
+so every decision has a unit test.
+
+Rules, in the words of the issue:
+- one builder Job per (target, cache key), none on a cache hit; the Job name
+  carries the key so a second create is an AlreadyExists, never a duplicate;
+- a new engine rolls out only once its build (and gate) passed; until then, and
+  after a failed rebuild, a Deployment keeps the artifact it already serves;
+- a failed build stops (no new Job for that key) until the spec changes the key;
+- a Job that vanished while its build was pending is recreated;
+- an architecture that left the fleet: its running build is stopped and its
+  Deployment scaled to 0 (the artifact stays in the store).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from pydantic import ValidationError
+
+from optimodel.artifact import artifact_uri
+from optimodel.build import BuildResult
+from optimodel.cache_key import cache_key, canonical_options, model_digest
+from optimodel.spec import EngineStatus, OptimizedModelSpec
+from optimodel.target import Target
+
+from optimodel_operator import render
+from optimodel_operator import status as cond
+from optimodel_operator.discovery import desired_targets
+from optimodel_operator.settings import Settings
+
+IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+JOB_FAILURE_REASONS = {"DeadlineExceeded": "BuildTimedOut", "BackoffLimitExceeded": "BuildFailed"}
+
+
+# ---- what exists -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JobView:
+    name: str
+    arch: str
+    cache_key: str
+    state: str  # Active | Succeeded | Failed
+    reason: str | None = None
+    message: str | None = None
+    deleting: bool = False
+
+    @classmethod
+    def from_job(cls, job: Mapping) -> "JobView":
+        meta, status = job.get("metadata") or {}, job.get("status") or {}
+        labels = meta.get("labels") or {}
+        state, reason, message = "Active", None, None
+        for c in status.get("conditions") or []:
+            if c.get("status") != "True":
+                continue
+            if c.get("type") == "Complete":
+                state = "Succeeded"
+            elif c.get("type") == "Failed":
+                state, reason, message = "Failed", c.get("reason"), c.get("message")
+        if state == "Active" and (status.get("succeeded") or 0) >= 1:
+            state = "Succeeded"
+        return cls(name=meta.get("name", ""), arch=labels.get(render.L_ARCH, ""),
+                   cache_key=labels.get(render.L_KEY, ""), state=state, reason=reason, message=message,
+                   deleting=bool(meta.get("deletionTimestamp")))
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    job: str
+    created: str = ""
+    waiting_reason: str | None = None
+    waiting_message: str | None = None
+    terminated_message: str | None = None
+    exit_code: int | None = None
+
+    @classmethod
+    def from_pod(cls, pod: Mapping) -> "PodView":
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        job = labels.get("job-name") or labels.get("batch.kubernetes.io/job-name") or ""
+        waiting = terminated = None
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            waiting = waiting or state.get("waiting")
+            terminated = terminated or state.get("terminated")
+        return cls(name=meta.get("name", ""), job=job, created=meta.get("creationTimestamp") or "",
+                   waiting_reason=(waiting or {}).get("reason"), waiting_message=(waiting or {}).get("message"),
+                   terminated_message=(terminated or {}).get("message"),
+                   exit_code=(terminated or {}).get("exitCode"))
+
+
+@dataclass(frozen=True)
+class DeploymentView:
+    name: str
+    arch: str
+    artifact_uri: str
+    cache_key: str
+    config_hash: str
+    replicas: int
+    available: bool
+
+    @classmethod
+    def from_deployment(cls, dep: Mapping) -> "DeploymentView":
+        meta, spec, status = dep.get("metadata") or {}, dep.get("spec") or {}, dep.get("status") or {}
+        ann = meta.get("annotations") or {}
+        replicas = spec.get("replicas", 1)
+        current = (status.get("observedGeneration") or 0) >= (meta.get("generation") or 0)
+        available = (current and (status.get("updatedReplicas") or 0) >= replicas
+                     and (status.get("availableReplicas") or 0) >= replicas)
+        return cls(name=meta.get("name", ""), arch=(meta.get("labels") or {}).get(render.L_ARCH, ""),
+                   artifact_uri=ann.get(render.A_ARTIFACT, ""), cache_key=ann.get(render.A_KEY, ""),
+                   config_hash=ann.get(render.A_HASH, ""), replicas=replicas, available=available)
+
+
+@dataclass
+class Observed:
+    jobs: dict[str, JobView] = field(default_factory=dict)  # by Job name
+    pods: dict[str, list[PodView]] = field(default_factory=dict)  # by Job name
+    deployments: dict[str, DeploymentView] = field(default_factory=dict)  # by arch
+    service_hash: str | None = None  # None: no Service yet
+    batching_json: str | None = None  # None: no ConfigMap yet
+
+
+# ---- what to do ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CreateJob:
+    name: str
+    arch: str
+    cache_key: str
+    job: dict
+    request: dict  # the ConfigMap with the build request, created first
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    name: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Apply:
+    """Server-side apply of a whole object the operator owns."""
+    obj: dict
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    replicas: int
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    actions: list = field(default_factory=list)
+    status: dict = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    valid: bool = True
+
+
+# ---- spec validation -------------------------------------------------------------
+
+def _camel(part: str) -> str:
+    return "".join(w[:1].upper() + w[1:] for w in re.split(r"[^A-Za-z0-9]+", part) if w)
+
+
+def spec_error(raw_spec: Mapping | None) -> tuple[OptimizedModelSpec | None, str, str]:
+    """(spec, "", "") when valid, else (None, reason naming the field, message)."""
+    try:
+        return OptimizedModelSpec.model_validate(raw_spec or {}), "", ""
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if not isinstance(p, int)]
+        # pydantic names union branches and validators in loc; keep only field names
+        loc = [p for p in loc if re.match(r"^[a-zA-Z][a-zA-Z0-9]*$", p) and not p[0].isupper()]
+        reason = "InvalidSpec" + "".join(_camel(p) for p in loc) if loc else "InvalidSpec"
+        path = ".".join(["spec", *loc])
+        messages = [f"{'.'.join(['spec', *[str(p) for p in e.get('loc', ())]])}: {e.get('msg')}" for e in exc.errors()]
+        return None, reason[:128], f"{path}: " + "; ".join(messages)[:1000]
+
+
+# ---- the decision ----------------------------------------------------------------
+
+def target_keys(spec: OptimizedModelSpec, targets: Mapping[str, Target], settings: Settings) -> dict[str, str]:
+    digest = model_digest(spec.model)
+    options = canonical_options(spec.model, spec.optimization, spec.serving.max_batch_size)
+    return {arch: cache_key(digest, options, t, settings.toolchain_for(t)) for arch, t in targets.items()}
+
+
+def _result(pods: list[PodView]) -> BuildResult | None:
+    for pod in sorted(pods, key=lambda p: p.created, reverse=True):
+        text = (pod.terminated_message or "").strip()
+        for line in reversed(text.splitlines()):
+            try:
+                return BuildResult.model_validate_json(line)
+            except ValueError:
+                continue
+    return None
+
+
+def _log_tail(pods: list[PodView]) -> str:
+    for pod in sorted(pods, key=lambda p: p.created, reverse=True):
+        if pod.terminated_message:
+            return pod.terminated_message.strip()[-500:]
+    return ""
+
+
+def _engine(target: Target, state: str, key: str, **kw) -> dict:
+    return EngineStatus(arch=target.arch, product=target.product, state=state, cache_key=key, **kw).wire()
+
+
+def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int | None, status: Mapping | None,
+           fleet: Mapping[str, Target], observed: Observed, settings: Settings,
+           published: Callable[[str], bool], secret_exists: Callable[[str], bool], now: str) -> Decision:
+    status = status or {}
+    old_conditions = status.get("conditions") or []
+    prev = {e.get("arch"): e for e in status.get("engines") or []}
+    out = Decision()
+
+    spec, bad_reason, bad_message = spec_error(raw_spec)
+    if spec is None:
+        # no Jobs, no rollout: whatever already serves keeps serving
+        out.valid = False
+        blocked = cond.condition("Built", False, bad_reason, bad_message)
+        conds = [cond.condition("Ready", False, bad_reason, bad_message), blocked]
+        out.status = {"observedGeneration": generation,
+                      "conditions": cond.merge_conditions(old_conditions, conds, generation, now),
+                      "engines": list(status.get("engines") or [])}
+        if (cond.get(old_conditions, "Ready") or {}).get("reason") != bad_reason:
+            out.events.append(Event("Warning", bad_reason, bad_message))
+        return out
+
+    targets, missing = desired_targets(spec.targets.gpu_architectures, spec.targets.cpu, fleet)
+    keys = target_keys(spec, targets, settings)
+    current_jobs = {render.job_name(model.name, t, keys[a]) for a, t in targets.items()}
+    engines: dict[str, dict] = {}
+    secret_checked: dict[str, bool] = {}
+
+    for arch, target in targets.items():
+        key = keys[arch]
+        uri = artifact_uri(settings.store_uri, model.namespace, model.name, key)
+        jname = render.job_name(model.name, target, key)
+        job = observed.jobs.get(jname)
+        pods = observed.pods.get(jname, [])
+        old = prev.get(arch) or {}
+        same = old.get("cacheKey") == key
+        common = dict(artifact_uri=uri, precision=spec.optimization.precision, job_name=jname if job else None)
+
+        if same and old.get("state") == "Ready":
+            engines[arch] = old
+        elif job is not None and job.state == "Succeeded":
+            result = _result(pods)
+            if published(uri):
+                engines[arch] = _engine(target, "Ready", key, reason="Succeeded",
+                                        accuracy=result.accuracy if result else None,
+                                        message=f"built by Job {jname}", **common)
+                out.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
+            else:
+                engines[arch] = _engine(target, "Failed", key, reason="ArtifactMissing",
+                                        message=f"Job {jname} succeeded but {uri} has no verified manifest", **common)
+                out.events.append(Event("Warning", "ArtifactMissing", engines[arch]["message"]))
+        elif job is not None and job.state == "Failed":
+            result = _result(pods)
+            waiting = next((p for p in pods if p.waiting_reason in IMAGE_PULL_REASONS), None)
+            if result is not None and result.state == "Failed":
+                reason, message = result.reason.value, result.message
+            elif waiting is not None:
+                reason, message = "BuilderImagePullFailed", f"{waiting.waiting_reason}: {waiting.waiting_message or ''}"
+            else:
+                reason = JOB_FAILURE_REASONS.get(job.reason or "", "BuildFailed")
+                message = job.message or _log_tail(pods) or "the builder failed without a result"
+            engines[arch] = _engine(target, "Failed", key, reason=reason, message=message[:1000],
+                                    accuracy=result.accuracy if result else None, **common)
+            if not (same and old.get("state") == "Failed"):
+                out.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
+        elif published(uri):
+            engines[arch] = _engine(target, "Ready", key, reason="CacheHit",
+                                    message="artifact already published; no build needed", **common)
+            if not same:
+                out.events.append(Event("Normal", "CacheHit", f"{arch}: reusing engine {key}"))
+        elif job is not None:
+            waiting = next((p for p in pods if p.waiting_reason), None)
+            reason, message = "Building", f"Job {jname} is running"
+            if job.deleting:
+                reason, message = "JobDeleting", f"Job {jname} is being deleted; a new one follows"
+            elif waiting is not None and waiting.waiting_reason in IMAGE_PULL_REASONS:
+                reason = "BuilderImagePullFailed"
+                message = f"{waiting.waiting_reason} pulling {settings.builder_image}: {waiting.waiting_message or ''}"
+            elif waiting is not None and waiting.waiting_reason == "CreateContainerConfigError":
+                reason, message = "BuilderConfigError", waiting.waiting_message or reason
+            engines[arch] = _engine(target, "Building", key, reason=reason, message=message[:1000], **common)
+            if reason != "Building" and old.get("reason") != reason:
+                out.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
+        elif same and old.get("state") == "Failed":
+            engines[arch] = old  # stop: a failed key is not rebuilt until the spec changes it
+        else:
+            secret = spec.model.credentials_secret
+            if secret and secret not in secret_checked:
+                secret_checked[secret] = secret_exists(secret)
+            if secret and not secret_checked[secret]:
+                message = f"Secret '{secret}' (spec.model.credentialsSecret) not found in namespace {model.namespace}"
+                engines[arch] = _engine(target, "Pending", key, reason="SecretMissing", message=message,
+                                        artifact_uri=uri, precision=spec.optimization.precision)
+                if old.get("reason") != "SecretMissing":
+                    out.events.append(Event("Warning", "SecretMissing", message))
+                continue
+            request = render.build_request(model, spec, target, key, uri)
+            out.actions.append(CreateJob(
+                name=jname, arch=arch, cache_key=key,
+                job=render.builder_job(model, spec, target, key, jname, settings, generation),
+                request=render.request_configmap(model, jname, request, target)))
+            engines[arch] = _engine(target, "Building", key, reason="Building",
+                                    message=f"Job {jname} created", **{**common, "job_name": jname})
+            if same and old.get("state") == "Building" and old.get("jobName") == jname:
+                out.events.append(Event("Warning", "BuildJobMissing", f"{arch}: Job {jname} disappeared; recreated it"))
+            else:
+                out.events.append(Event("Normal", "BuildStarted", f"{arch}: Job {jname} builds engine {key}"))
+
+    # Builds nobody wants any more hold a GPU for nothing: stop them.
+    for job in observed.jobs.values():
+        if job.state == "Active" and not job.deleting and job.name not in current_jobs:
+            why = ("its architecture left the fleet" if job.arch not in targets
+                   else "the spec changed its cache key")
+            out.actions.append(DeleteJob(job.name, why))
+            out.events.append(Event("Normal", "BuildStopped", f"{job.arch}: deleted Job {job.name}: {why}"))
+
+    for arch, old in prev.items():
+        if arch in targets or arch in missing:
+            continue
+        kept = {k: v for k, v in old.items() if k not in ("reason", "message", "state", "jobName")}
+        if arch in fleet or arch == "cpu":
+            reason, why = "NotRequested", "spec.targets no longer asks for this architecture"
+        else:
+            reason, why = "ArchitectureGone", "no schedulable nodes of this architecture left; the artifact stays cached"
+        engines[arch] = {**kept, "arch": arch, "state": "Removed", "reason": reason, "message": why}
+    for arch in missing:
+        if arch not in engines:
+            engines[arch] = {"arch": arch, "state": "Pending", "reason": "NoNodes",
+                             "message": f"no schedulable nodes with compute capability {arch}"}
+
+    # ---- rollout -------------------------------------------------------------------
+    batching = render.batching_config(spec, _current_wait(observed.batching_json))
+    serving_plan: dict[str, tuple[Target, str, str]] = {}  # arch -> (target, artifact, key)
+    for arch, target in targets.items():
+        eng = engines[arch]
+        dep = observed.deployments.get(arch)
+        if eng.get("state") == "Ready":
+            serving_plan[arch] = (target, eng["artifactUri"], eng["cacheKey"])
+        elif dep is not None and dep.artifact_uri:
+            serving_plan[arch] = (target, dep.artifact_uri, dep.cache_key)  # the previous engine keeps serving
+
+    pending_rollout: set[str] = set()
+    if serving_plan:
+        cm = render.batching_configmap(model, batching)
+        if observed.batching_json != cm["data"][render.BATCHING_FILE]:
+            out.actions.append(Apply(cm))
+        svc = render.service(model)
+        if observed.service_hash != svc["metadata"]["annotations"][render.A_HASH]:
+            out.actions.append(Apply(svc))
+    for arch, (target, uri, key) in serving_plan.items():
+        dep = render.deployment(model, spec, target, uri, key, settings)
+        have = observed.deployments.get(arch)
+        if (have is None or have.config_hash != dep["metadata"]["annotations"][render.A_HASH]
+                or have.replicas != dep["spec"]["replicas"]):
+            out.actions.append(Apply(dep))
+            pending_rollout.add(arch)
+            if have is None or have.cache_key != key:
+                out.events.append(Event("Normal", "RollingOut", f"{arch}: serving engine {key}"))
+    for arch, have in observed.deployments.items():
+        if arch not in targets and have.replicas != 0:
+            out.actions.append(Scale(have.name, 0))
+            out.events.append(Event("Normal", "ScaledDown", f"{arch}: Deployment {have.name} scaled to 0"))
+
+    # ---- conditions -----------------------------------------------------------------
+    built = _built_condition(targets, engines, missing)
+    gate = _gate_condition(spec, targets, engines)
+    serving = _serving_condition(serving_plan, observed, pending_rollout, spec.serving.replicas)
+    conds = [cond.ready_summary(built, gate, serving), built, gate, serving]
+    new_status = {
+        "observedGeneration": generation,
+        "conditions": cond.merge_conditions(old_conditions, conds, generation, now),
+        "engines": [engines[a] for a in sorted(engines)],
+    }
+    if serving_plan:
+        new_status["serving"] = {"endpoint": render.endpoint(model)}
+        if not spec.serving.batching.autotune.enabled:
+            new_status["serving"]["maxWaitMs"] = batching.max_wait_ms
+    out.status = new_status
+    return out
+
+
+def _current_wait(batching_json: str | None) -> float | None:
+    if not batching_json:
+        return None
+    try:
+        return float(json.loads(batching_json)["maxWaitMs"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _built_condition(targets: Mapping[str, Target], engines: Mapping[str, dict], missing: list[str]) -> dict:
+    if not targets:
+        return cond.condition("Built", False, "NoTargets",
+                              f"no schedulable nodes for {', '.join(missing)}" if missing else "no build targets")
+    current = [engines[a] for a in targets]
+    failed = [e for e in current if e["state"] == "Failed"]
+    if failed:
+        return cond.condition("Built", False, failed[0].get("reason") or "BuildFailed",
+                              "; ".join(f"{e['arch']}: {e.get('message', '')}" for e in failed))
+    stuck = [e for e in current if e["state"] in ("Pending", "Building") and e.get("reason") not in (None, "Building")]
+    if stuck:
+        return cond.condition("Built", False, stuck[0]["reason"],
+                              "; ".join(f"{e['arch']}: {e.get('message', '')}" for e in stuck))
+    building = [e["arch"] for e in current if e["state"] != "Ready"]
+    if building:
+        return cond.condition("Built", False, "Building", f"building {', '.join(building)}")
+    if missing:
+        return cond.condition("Built", False, "ArchitectureUnavailable",
+                              f"no schedulable nodes for {', '.join(missing)}")
+    return cond.condition("Built", True, "Built", f"engines ready for {', '.join(targets)}")
+
+
+def _gate_condition(spec: OptimizedModelSpec, targets: Mapping[str, Target], engines: Mapping[str, dict]) -> dict:
+    if spec.optimization.accuracy_gate is None:
+        return cond.condition("AccuracyGatePassed", True, "NoGateConfigured", "optimization.accuracyGate is not set")
+    current = [engines[a] for a in targets]
+    failed = [e for e in current if e.get("reason") == "AccuracyGateFailed"]
+    if failed:
+        return cond.condition("AccuracyGatePassed", False, "AccuracyGateFailed",
+                              "; ".join(f"{e['arch']}: {e.get('message', '')}" for e in failed))
+    if current and all(e["state"] == "Ready" for e in current):
+        return cond.condition("AccuracyGatePassed", True, "GatePassed", "every engine passed the accuracy gate")
+    return cond.condition("AccuracyGatePassed", None, "Building", "waiting for builds")
+
+
+def _serving_condition(plan: Mapping[str, tuple], observed: Observed, pending: set[str], replicas: int) -> dict:
+    if not plan:
+        return cond.condition("Serving", False, "NoEngine", "no engine is built yet")
+    if replicas == 0:
+        return cond.condition("Serving", True, "ScaledToZero", "spec.serving.replicas is 0")
+    waiting = [a for a in plan if a in pending or not (observed.deployments.get(a) and observed.deployments[a].available)]
+    if waiting:
+        return cond.condition("Serving", False, "RollingOut", f"waiting for Deployments of {', '.join(waiting)}")
+    return cond.condition("Serving", True, "Serving", f"serving {', '.join(plan)}")
+
+
+def status_changed(old: Mapping | None, new: Mapping) -> bool:
+    old = old or {}
+    if old.get("observedGeneration") != new.get("observedGeneration"):
+        return True
+    if cond.strip_times(old.get("conditions")) != cond.strip_times(new.get("conditions")):
+        return True
+    if (old.get("engines") or []) != (new.get("engines") or []):
+        return True
+    old_serving, new_serving = old.get("serving") or {}, new.get("serving") or {}
+    return any(old_serving.get(k) != v for k, v in new_serving.items())

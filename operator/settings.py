@@ -1,0 +1,130 @@
+"""Operator settings, read once from environment variables at startup.
+
+| variable | default | meaning |
+|---|---|---|
+| `OPTIMODEL_STORE_URI` | `pvc://optimodel-store/artifacts` | where engines are published: `<store>/<namespace>/<name>/<cacheKey>/` |
+| `OPTIMODEL_BUILDER_IMAGE` | `ghcr.io/optimodel/builder:0.1.0` | image of the builder Job (`python -m builder_job`) |
+| `OPTIMODEL_SERVING_IMAGE` | `ghcr.io/optimodel/serving:0.1.0` | image of the serving Deployments (`python -m serving_image`) |
+| `OPTIMODEL_IMAGE_PULL_POLICY` | `IfNotPresent` | pull policy of both images |
+| `OPTIMODEL_PROMETHEUS_URL` | empty | Prometheus base URL for the tuner (empty: no tuning) |
+| `OPTIMODEL_NAMESPACES` | empty | comma-separated namespaces to watch; empty watches all |
+| `OPTIMODEL_PEERING` | `optimodel` | kopf peering name shared by operator replicas (a ClusterKopfPeering); empty: standalone |
+| `OPTIMODEL_BUILDER_TOLERATIONS` | `[{"key":"nvidia.com/gpu","operator":"Exists","effect":"NoSchedule"}]` | JSON list of tolerations for GPU builder and server pods |
+| `OPTIMODEL_BUILDER_TOOLCHAIN` | toolchain versions of the operator's own environment | JSON object of the builder image's versions (`{"onnx": "1.17.0", ...}`); part of every cache key |
+| `OPTIMODEL_BUILDER_DEADLINE_SECONDS` | `7200` | builder Job `activeDeadlineSeconds` |
+| `OPTIMODEL_BUILDER_BACKOFF_LIMIT` | `1` | builder Job `backoffLimit` (retries of a failed pod) |
+| `OPTIMODEL_BUILDER_TTL_SECONDS` | `86400` | builder Job `ttlSecondsAfterFinished` |
+| `OPTIMODEL_BUILDER_RESOURCES` | `{"requests":{"cpu":"2","memory":"8Gi"}}` | JSON resources of the builder container (a GPU is added per target) |
+| `OPTIMODEL_SERVICE_ACCOUNT` | empty | service account of builder and server pods (workload identity for the store) |
+| `OPTIMODEL_PVC_ROOT` | `/mnt/pvc` | where pods (and the operator) mount `pvc://<claim>` stores |
+| `OPTIMODEL_RESYNC_SECONDS` | `60` | period of the per-model reconcile timer (fleet and child drift) |
+| `OPTIMODEL_WORKERS` | `8` | threads running blocking reconciles |
+
+A `pvc://` store must also be mounted into the operator pod at `$OPTIMODEL_PVC_ROOT/<claim>`
+because the operator checks for published manifests (cache hits) itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from optimodel.cache_key import toolchain_versions
+from optimodel.storage import check_uri
+from optimodel.target import Target
+
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    store_uri: str = "pvc://optimodel-store/artifacts"
+    builder_image: str = "ghcr.io/optimodel/builder:0.1.0"
+    serving_image: str = "ghcr.io/optimodel/serving:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    prometheus_url: str = ""
+    namespaces: tuple[str, ...] = ()
+    peering: str = "optimodel"
+    tolerations: tuple[dict, ...] = (GPU_TOLERATION,)
+    # None: measure the operator's own environment per target kind (cpu / gpu)
+    toolchain: Mapping[str, str] | None = None
+    builder_deadline_seconds: int = 7200
+    builder_backoff_limit: int = 1
+    builder_ttl_seconds: int = 86400
+    builder_resources: Mapping[str, Any] = field(
+        default_factory=lambda: {"requests": {"cpu": "2", "memory": "8Gi"}})
+    service_account: str = ""
+    pvc_root: str = "/mnt/pvc"
+    resync_seconds: float = 60.0
+    workers: int = 8
+
+    def toolchain_for(self, target: Target) -> dict[str, str]:
+        if self.toolchain is not None:
+            return dict(self.toolchain)
+        return toolchain_versions(target)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        d = cls()
+
+        def text(name: str, default: str) -> str:
+            return env.get(name, "").strip() or default
+
+        def number(name: str, default, kind=int):
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{name}={raw!r} is not a number") from None
+            if value < 0:
+                raise SettingsError(f"{name}={raw!r} must not be negative")
+            return value
+
+        def blob(name: str, default, kind: type):
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = json.loads(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{name} is not valid JSON: {exc}") from None
+            if not isinstance(value, kind):
+                raise SettingsError(f"{name} must be a JSON {kind.__name__}")
+            return value
+
+        store = text("OPTIMODEL_STORE_URI", d.store_uri)
+        try:
+            check_uri(store)
+        except ValueError as exc:
+            raise SettingsError(f"OPTIMODEL_STORE_URI: {exc}") from None
+        toolchain = blob("OPTIMODEL_BUILDER_TOOLCHAIN", None, dict)
+        if toolchain is not None:
+            toolchain = {str(k): str(v) for k, v in toolchain.items()}
+        return cls(
+            store_uri=store,
+            builder_image=text("OPTIMODEL_BUILDER_IMAGE", d.builder_image),
+            serving_image=text("OPTIMODEL_SERVING_IMAGE", d.serving_image),
+            image_pull_policy=text("OPTIMODEL_IMAGE_PULL_POLICY", d.image_pull_policy),
+            prometheus_url=text("OPTIMODEL_PROMETHEUS_URL", ""),
+            namespaces=tuple(n.strip() for n in env.get("OPTIMODEL_NAMESPACES", "").split(",") if n.strip()),
+            peering=env.get("OPTIMODEL_PEERING", d.peering).strip(),
+            tolerations=tuple(blob("OPTIMODEL_BUILDER_TOLERATIONS", list(d.tolerations), list)),
+            toolchain=toolchain,
+            builder_deadline_seconds=number("OPTIMODEL_BUILDER_DEADLINE_SECONDS", d.builder_deadline_seconds),
+            builder_backoff_limit=number("OPTIMODEL_BUILDER_BACKOFF_LIMIT", d.builder_backoff_limit),
+            builder_ttl_seconds=number("OPTIMODEL_BUILDER_TTL_SECONDS", d.builder_ttl_seconds),
+            builder_resources=blob("OPTIMODEL_BUILDER_RESOURCES", d.builder_resources, dict),
+            service_account=text("OPTIMODEL_SERVICE_ACCOUNT", ""),
+            pvc_root=text("OPTIMODEL_PVC_ROOT", d.pvc_root),
+            resync_seconds=number("OPTIMODEL_RESYNC_SECONDS", d.resync_seconds, float),
+            workers=max(1, number("OPTIMODEL_WORKERS", d.workers)),
+        )

@@ -123,6 +123,8 @@ def _json_array(data: Any, dtype: np.dtype, name: str) -> np.ndarray:
                 raise ValueError("BOOL data must be true/false")
         arr = np.asarray(data, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as exc:
+        if "inhomogeneous" in str(exc):
+            raise ProtocolError(f"input '{name}': data is ragged (nested lists of unequal length)") from exc
         raise ProtocolError(f"input '{name}': data cannot be read as {_NP_TO_V2[dtype]}: {exc}") from exc
     if arr.dtype == object:
         raise ProtocolError(f"input '{name}': data is ragged (nested lists of unequal length)")

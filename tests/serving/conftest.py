@@ -22,6 +22,7 @@ from optimodel.artifact import EngineInfo, Manifest, open_artifact, publish
 from optimodel.batching import BatchingConfig, write_batching_config
 from optimodel.spec import TensorSpec
 
+ROOT_DIR = Path(__file__).resolve().parents[2]
 MODEL = "digits"
 MAX_BATCH = 32
 

@@ -1,0 +1,98 @@
+"""`python -m serving_image` as a process: refusing bad artifacts, config defaults, SIGTERM drain."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+
+from optimodel.batching import BatchingConfig, write_batching_config
+
+from .conftest import MODEL, ROOT_DIR, free_port, wait_ready
+
+
+def _start(artifact, config, port, *extra) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "serving_image", "--artifact", str(artifact), "--config", str(config),
+           "--port", str(port), "--threads", "1", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_tampered_artifact_is_refused(digits_artifact, tmp_path):
+    bad = tmp_path / "tampered"
+    shutil.copytree(digits_artifact, bad)
+    with open(bad / "model.onnx", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    r = subprocess.run([sys.executable, "-m", "serving_image", "--artifact", str(bad), "--config",
+                        str(tmp_path / "none.json")], cwd=ROOT_DIR, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "refusing to start: ChecksumMismatch" in r.stderr and "model.onnx" in r.stderr
+    (bad / "manifest.json").unlink()
+    r = subprocess.run([sys.executable, "-m", "serving_image", "--artifact", bad.as_uri(), "--config",
+                        str(tmp_path / "none.json")], cwd=ROOT_DIR, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "refusing to start: ManifestMissing" in r.stderr
+
+
+def test_sigterm_answers_every_accepted_request_then_exits(digits_artifact, digits_images, reference, tmp_path):
+    config = tmp_path / "batching.json"
+    # a long window: the requests are still queued when SIGTERM arrives and when the listener closes
+    write_batching_config(config, BatchingConfig(max_wait_ms=1500, max_batch_size=32))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start(digits_artifact, config, port, "--drain-seconds", "0.5")
+    try:
+        wait_ready(url, proc=proc)
+
+        def one(i: int):
+            x = digits_images[i:i + 1]
+            body = json.dumps({"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                           "data": x.ravel().tolist()}]})
+            return x, httpx.post(f"{url}/v2/models/{MODEL}/infer", content=body, timeout=30)
+
+        with cf.ThreadPoolExecutor(16) as pool:
+            futs = [pool.submit(one, i) for i in range(16)]
+            time.sleep(0.3)  # all 16 are in the batcher's window now
+            t_term = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            ready = httpx.get(f"{url}/v2/health/ready", timeout=5).status_code
+            assert time.monotonic() - t_term < 0.5, "readiness was checked inside the drain window"
+            answers = [f.result() for f in futs]
+        assert ready == 503, "not ready once SIGTERM arrived"
+        for x, r in answers:
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(np.array(r.json()["outputs"][0]["data"], np.float32).reshape(1, 10),
+                                       reference(x), rtol=1e-5, atol=1e-5)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert f"serving {MODEL} on http://127.0.0.1:{port}" in log
+    assert "SIGTERM" in log
+
+
+def test_absent_config_uses_manifest_defaults(digits_artifact, tmp_path):
+    port = free_port()
+    proc = _start(digits_artifact, tmp_path / "missing.json", port, "--model-name", "renamed")
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc=proc)
+        meta = httpx.get(f"http://127.0.0.1:{port}/v2/models/renamed").json()
+        assert meta["parameters"]["max_batch_size"] == 32 and meta["parameters"]["max_wait_ms"] == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert "missing.json is absent; using maxBatchSize 32 (manifest) and maxWaitMs 2" in log
+    assert "serving renamed on" in log

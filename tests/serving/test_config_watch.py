@@ -109,6 +109,10 @@ async def test_live_change_under_load_applies_within_a_second_and_drops_nothing(
     async def metric(name: str, **labels) -> float:
         return sample((await mclient.get("/metrics")).text, name, **labels)
 
+    async def batch_counts() -> tuple[float, float]:
+        text = (await mclient.get("/metrics")).text  # one scrape, so both counts agree
+        return sample(text, "optimodel_batch_size_bucket", le="4.0"), sample(text, "optimodel_batch_size_count")
+
     async with httpx.AsyncClient(base_url=srv.url, limits=httpx.Limits(max_connections=32)) as client, \
             httpx.AsyncClient(base_url=srv.url) as mclient:
         workers = [asyncio.create_task(client_loop(client, s)) for s in range(12)]
@@ -121,11 +125,9 @@ async def test_live_change_under_load_applies_within_a_second_and_drops_nothing(
         applied_after = time.monotonic() - changed_at
         assert await metric("optimodel_max_wait_ms") == 7
         await asyncio.sleep(0.2)  # batches formed before the change have finished
-        small_before = await metric("optimodel_batch_size_bucket", le="4.0")
-        total_before = await metric("optimodel_batch_size_count")
+        small_before, total_before = await batch_counts()
         await asyncio.sleep(0.6)
-        small_after = await metric("optimodel_batch_size_bucket", le="4.0")
-        total_after = await metric("optimodel_batch_size_count")
+        small_after, total_after = await batch_counts()
         stop.set()
         await asyncio.gather(*workers)
 

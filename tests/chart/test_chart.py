@@ -419,3 +419,42 @@ def test_argocd_health_lua_degrades_on_every_build_failure_reason(health):
     assert {r: s for r, s in wrong.items() if s != "Degraded"} == {}, "add the reason to degradedReasons in files/argocd-health.lua"
     status, message = health(model(ready=("False", "AccuracyGateFailed")))
     assert message == "AccuracyGateFailed: AccuracyGateFailed happened"
+
+
+# ---- the documented install command --------------------------------------------------------
+
+
+def test_readme_install_command_renders(chart):
+    readme = (CHART / "README.md").read_text()
+    command = readme.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    assert command.startswith("helm install optimodel charts/optimodel")
+    values: dict = {}
+    args = command.split()
+    for flag, expression in zip(args, args[1:]):
+        if flag == "--set":
+            values = _deep_merge(values, helm.parse_set_string(expression))
+    assert values["store"]["uri"].startswith("s3://")
+    docs = objects(chart.render(values, name="optimodel", namespace="optimodel-system"))
+    for doc in docs:
+        if doc["kind"] != "PodMonitor":
+            kubernetes_validate.validate(doc, KUBE, strict=True)
+    assert one(docs, "Deployment")["metadata"]["name"] == "optimodel"
+    assert one(docs, "PodMonitor")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def test_packaged_chart_keeps_the_crd_and_the_lua(tmp_path):
+    archive = helm.package(CHART, destination=tmp_path)
+    assert Path(archive).name == "optimodel-0.1.0.tgz"
+    with helm.Chart.load(archive) as packaged:
+        [crd] = packaged.crds
+        assert crd["filename"].endswith("crds/optimizedmodel.yaml")
+        assert crd["data"].encode() == (ROOT / "crds" / "optimizedmodel.yaml").read_bytes()
+        config_map = one(objects(render(packaged)), "ConfigMap")
+    assert config_map["data"]["health.lua"].strip() == LUA_FILE.read_text().strip()

@@ -85,6 +85,11 @@ def test_declared_inputs_that_do_not_match_the_onnx(make_request, build, store, 
     _assert_failed(result, BuildReason.INPUT_MISMATCH, store, *words)
 
 
+def test_declared_outputs_that_do_not_match_the_onnx(make_request, build, store):
+    result = build(make_request(outputs=[TensorSpec(name="probs", dtype="float32", shape=[-1, 10])]))
+    _assert_failed(result, BuildReason.INPUT_MISMATCH, store, "probs", "logits")
+
+
 def test_declared_inputs_the_torch_model_rejects(make_request, build, store, digits_build):
     declared = TensorSpec(name="image", dtype="float32", shape=[-1, 3, 8, 8])
     result = build(make_request(uri=f"file://{digits_build}/digits_cnn.pt", fmt="pytorch",

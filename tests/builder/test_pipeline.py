@@ -169,3 +169,31 @@ def test_damaged_artifact_is_rebuilt_not_reused(make_request, build):
     assert second.reason == BuildReason.SUCCEEDED, second.message
     artifact.verify_local(local)  # the rebuilt engine matches its manifest again
     assert "fetch" in second.timings
+
+
+def test_prune_distill_int8_build_records_what_it_did(make_request, build, digits_build):
+    """The stages wired together; how accurate pruning and INT8 are is test_compression's business."""
+    request = make_request(
+        uri=f"file://{digits_build}/digits_cnn.pt", fmt="pytorch", entrypoint="examples.digits_cnn:build_model",
+        optimization={
+            "precision": "int8",
+            "pruning": {"ratio": 0.5, "distillation": {"datasetUri": f"file://{digits_build}/digits_train.npz",
+                                                       "epochs": 1}},
+            "calibration": {"datasetUri": f"file://{digits_build}/digits_calib.npz", "samples": 64},
+            "accuracyGate": {"datasetUri": f"file://{digits_build}/digits_test.npz", "metric": "top1",
+                             "maxDrop": 0.05},
+        })
+    result = build(request)
+
+    assert result.state == "Succeeded", result.message
+    assert list(result.timings) == ["cache", "preflight", "fetch", "load", "prune", "distill", "export",
+                                    "quantize", "compile", "gate", "profile", "publish"]
+    local = _artifact_dir(result)
+    manifest = artifact.verify_local(local)
+    assert manifest.engine.precision == "int8"
+    report = json.loads((local / "report.json").read_text())
+    assert report["recipe"].startswith("int8")
+    assert report["macs"]["optimized"] < report["macs"]["original"]
+    assert report["pruning"]["distillation"]["epochs"] == 1
+    assert report["sizes"]["onnxBytes"] < report["sizes"]["fp32OnnxBytes"]
+    assert report["accuracy"]["drop"] <= 0.05

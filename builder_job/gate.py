@@ -96,6 +96,17 @@ def run_gate(gate: AccuracyGate, original: Runner, optimized: Runner, data: dict
     return accuracy
 
 
+def fidelity(reference: Runner, optimized: Runner, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """How closely the engine reproduces the original on a few samples, gate or no gate (for the report)."""
+    want = reference(feeds)[0].astype(np.float64)
+    got = optimized(feeds)[0].astype(np.float64)
+    if want.shape != got.shape:
+        return {"samples": len(want), "shapeMismatch": True}
+    _, cosine = score("cosine", want, got, None)
+    return {"samples": len(want), "cosine": round(cosine, 6),
+            "maxAbsDiff": float(np.max(np.abs(want - got))) if want.size else 0.0}
+
+
 class GateFailed(BuildError):
     """AccuracyGateFailed that keeps the measured numbers for the result and the report."""
 

@@ -57,8 +57,10 @@ class _State:
     prune_info: dict | None = None
     compiled: compile_stage.Compiled | None = None
     engine_runner: Any = None
+    reference_runner: Any = None
     accuracy: Accuracy | None = None
     latency: dict | None = None
+    fidelity: dict | None = None
     outputs: list[TensorSpec] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -153,9 +155,12 @@ def _build(request: BuildRequest, s: _State, log: StageLog, options: BuildOption
         else:
             s.compiled = compile_stage.compile_cpu(s.final_onnx, s.out)
         s.engine_runner = compile_stage.compiled_runner(s.out, s.compiled)
+        feeds = example_inputs(request.source.inputs, min(16, request.max_batch_size), _any_data(s))
+        s.reference_runner = reference_runner(request, s)
+        s.fidelity = gate.fidelity(s.reference_runner, s.engine_runner, feeds)
     if opt.accuracy_gate:
         with log.stage("gate"):
-            s.accuracy = gate.run_gate(opt.accuracy_gate, reference_runner(request, s), s.engine_runner,
+            s.accuracy = gate.run_gate(opt.accuracy_gate, s.reference_runner, s.engine_runner,
                                        s.datasets["gate"], [t.name for t in request.source.inputs],
                                        batch_size=_gate_batch(request))
             log.info(f"gate {s.accuracy.metric}: original {s.accuracy.original:.4f}, "
@@ -339,6 +344,7 @@ def build_report(request: BuildRequest, s: _State, timings: dict[str, float]) ->
         "accuracy": s.accuracy.wire() if s.accuracy else None,
         "gate": ({"metric": gate_cfg.metric, "maxDrop": gate_cfg.max_drop, "passed": True,
                   "samples": int(len(s.datasets["gate"][request.source.inputs[0].name]))} if gate_cfg else None),
+        "fidelity": s.fidelity,
         "latency": s.latency,
         "maxBatchSize": request.max_batch_size,
         "threads": cpu_quota(),

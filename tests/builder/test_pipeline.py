@@ -69,6 +69,7 @@ def test_onnx_fp32_build_publishes_a_verified_artifact_equal_to_the_source(make_
         assert 0 < row["p50Ms"] <= row["p95Ms"] <= row["p99Ms"]
     assert report["sizes"]["engineBytes"] == (local / manifest.engine.file).stat().st_size
     assert report["macs"]["original"] > 0
+    assert report["fidelity"]["cosine"] == pytest.approx(1.0, abs=1e-6)
     for stage in ("fetch", "load", "compile", "gate", "profile", "publish"):
         assert result.timings[stage] >= 0
     assert "export" not in result.timings  # an ONNX source is not re-exported

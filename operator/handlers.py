@@ -29,6 +29,12 @@ def _with(component: str) -> dict:
     return {**MINE, render.L_COMPONENT: component}
 
 
+@kopf.on.login()
+def login(**kwargs):
+    # kopf's own readers look at $KUBECONFIG when called, not when kubernetes was imported
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **kwargs) -> None:
     cfg = Settings.from_env()

@@ -23,14 +23,24 @@ OVERRIDE = {
     "watchNamespaces": ["team-a", "team-b"],
     "store": {"pvc": {"create": False, "existingClaim": "models", "subPath": "optimodel"}},
     "prometheus": {"url": "http://prometheus-operated.monitoring:9090"},
-    "image": {"builder": {"repository": "registry.example/builder", "tag": "1.2.3", "pullPolicy": "Always"}},
+    "image": {
+        "builder": {"repository": "registry.example/builder", "tag": "1.2.3", "pullPolicy": "Always"},
+        "serving": {"repository": "registry.example/serving", "pullPolicy": "Always"},
+    },
     "builder": {
         "tolerations": [{"key": "gpu", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}],
         "toolchain": {"tensorrt": "10.13.3", "onnxruntime": "1.23.2"},
-        "activeDeadlineSeconds": 7200,
+        "activeDeadlineSeconds": 3600,
+        "backoffLimit": 0,
+        "ttlSecondsAfterFinished": 600,
     },
+    "operator": {"peering": {"enabled": True}, "logLevel": "DEBUG", "resyncSeconds": 30, "workers": 4},
+    "workloadServiceAccount": "optimodel-workload",
 }
 S3 = {"store": {"uri": "s3://models/optimodel", "credentialsSecret": "store-creds"}}
+PEERED = {"operator": {"peering": {"enabled": True, "name": "optimodel"}}}
+# custom kinds kubernetes-validate does not know: their fields are asserted by their own tests
+NOT_BUILTIN = {"PodMonitor", "KopfPeering", "ClusterKopfPeering"}
 
 STANDARD_LABELS = (
     "app.kubernetes.io/name",
@@ -79,19 +89,19 @@ def env_of(container) -> dict[str, str]:
 # ---- rendering and validation ------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [None, OVERRIDE, S3], ids=["defaults", "override", "s3"])
+@pytest.mark.parametrize("values", [None, OVERRIDE, S3, PEERED], ids=["defaults", "override", "s3", "peered"])
 def test_every_manifest_validates_against_kubernetes_1_37(chart, values):
     docs = objects(render(chart, values))
     kinds = sorted(d["kind"] for d in docs)
     assert {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "ConfigMap"} <= set(kinds)
     for doc in docs:
-        if doc["kind"] == "PodMonitor":
-            continue  # a Prometheus Operator CRD kubernetes-validate does not know; see test_pod_monitor
-        kubernetes_validate.validate(doc, KUBE, strict=True)
         labels = doc["metadata"]["labels"]
         missing = [k for k in STANDARD_LABELS if k not in labels]
         assert not missing, f"{doc['kind']} {doc['metadata']['name']} lacks labels {missing}"
         assert labels["app.kubernetes.io/part-of"] == "optimodel"
+        if doc["kind"] in NOT_BUILTIN:
+            continue
+        kubernetes_validate.validate(doc, KUBE, strict=True)
         if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
             assert doc["metadata"]["namespace"] == NAMESPACE
 
@@ -103,7 +113,7 @@ def test_defaults_render_the_expected_objects(chart):
     )
 
 
-@pytest.mark.parametrize("values", [None, OVERRIDE, S3], ids=["defaults", "override", "s3"])
+@pytest.mark.parametrize("values", [None, OVERRIDE, S3, PEERED], ids=["defaults", "override", "s3", "peered"])
 def test_helm_lint_passes(values):
     report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version="v1.37.0")
     problems = [m for m in report["messages"] if m["severity"] >= 2]
@@ -118,8 +128,19 @@ def test_chart_crd_is_the_generated_crd(chart):
         "charts/optimodel/crds/optimizedmodel.yaml drifted from crds/optimizedmodel.yaml; re-copy it: "
         "cp crds/optimizedmodel.yaml charts/optimodel/crds/optimizedmodel.yaml"
     )
-    [loaded] = chart.crds  # and Helm sees it as the chart's CRD
-    assert yaml.safe_load(loaded["data"])["metadata"]["name"] == "optimizedmodels.optimodel.io"
+    # and Helm sees it as one of the chart's CRDs
+    loaded = {c["filename"].rsplit("/", 1)[-1]: c["data"] for c in chart.crds}
+    assert yaml.safe_load(loaded["optimizedmodel.yaml"])["metadata"]["name"] == "optimizedmodels.optimodel.io"
+
+
+def test_kopf_peering_crds_ship_and_validate(chart):
+    loaded = {c["filename"].rsplit("/", 1)[-1]: c["data"] for c in chart.crds}
+    crds = [d for d in yaml.safe_load_all(loaded["kopf-peering.yaml"]) if d]
+    assert {(c["spec"]["names"]["kind"], c["spec"]["scope"]) for c in crds} == {
+        ("ClusterKopfPeering", "Cluster"), ("KopfPeering", "Namespaced")}
+    for crd in crds:
+        assert crd["spec"]["group"] == "kopf.dev"
+        kubernetes_validate.validate(crd, KUBE, strict=True)
 
 
 # ---- RBAC ------------------------------------------------------------------------------
@@ -181,15 +202,50 @@ def test_settings_reach_the_operator_as_env(chart):
     env = env_of(container)
     assert env["OPTIMODEL_STORE_URI"] == "pvc://models/optimodel"
     assert env["OPTIMODEL_BUILDER_IMAGE"] == "registry.example/builder:1.2.3"
-    assert env["OPTIMODEL_BUILDER_IMAGE_PULL_POLICY"] == "Always"
-    assert env["OPTIMODEL_SERVING_IMAGE"] == "ghcr.io/optimodel/serving:0.1.0"  # tag defaults to appVersion
+    assert env["OPTIMODEL_SERVING_IMAGE"] == "registry.example/serving:0.1.0"  # tag defaults to appVersion
+    assert env["OPTIMODEL_IMAGE_PULL_POLICY"] == "Always"
+    assert env["OPTIMODEL_SERVICE_ACCOUNT"] == "optimodel-workload"
     assert env["OPTIMODEL_PROMETHEUS_URL"] == "http://prometheus-operated.monitoring:9090"
     assert env["OPTIMODEL_NAMESPACES"] == "team-a,team-b"
+    assert env["OPTIMODEL_PEERING"] == "optimodel"
     assert json.loads(env["OPTIMODEL_BUILDER_TOLERATIONS"]) == OVERRIDE["builder"]["tolerations"]
     assert json.loads(env["OPTIMODEL_BUILDER_TOOLCHAIN"]) == OVERRIDE["builder"]["toolchain"]
-    assert env["OPTIMODEL_BUILDER_ACTIVE_DEADLINE_SECONDS"] == "7200"
     assert json.loads(env["OPTIMODEL_BUILDER_RESOURCES"])["requests"]["memory"] == "8Gi"
+    assert (env["OPTIMODEL_BUILDER_DEADLINE_SECONDS"], env["OPTIMODEL_BUILDER_BACKOFF_LIMIT"],
+            env["OPTIMODEL_BUILDER_TTL_SECONDS"]) == ("3600", "0", "600")
+    assert (env["OPTIMODEL_LOG_LEVEL"], env["OPTIMODEL_RESYNC_SECONDS"], env["OPTIMODEL_WORKERS"]) == ("DEBUG", "30", "4")
     assert container["image"] == "ghcr.io/optimodel/operator:0.1.0"
+
+
+@pytest.mark.parametrize("values", [None, OVERRIDE, S3], ids=["defaults", "override", "s3"])
+def test_operator_settings_parse_the_rendered_env(chart, values):
+    """The operator's own parser reads what the chart sets, and every OPTIMODEL_* name is one it knows."""
+    settings_mod = pytest.importorskip("optimodel_operator.settings", reason="operator package not importable")
+    env = {k: v for k, v in env_of(operator_container(objects(render(chart, values)))).items() if v is not None}
+    settings = settings_mod.Settings.from_env(env)
+    merged = chart.merge_values(values)
+    assert settings.store_uri == env["OPTIMODEL_STORE_URI"]
+    assert settings.namespaces == tuple(merged["watchNamespaces"])
+    assert list(settings.tolerations) == merged["builder"]["tolerations"]
+    assert settings.builder_deadline_seconds == merged["builder"]["activeDeadlineSeconds"]
+    assert settings.builder_backoff_limit == merged["builder"]["backoffLimit"]
+    assert settings.builder_ttl_seconds == merged["builder"]["ttlSecondsAfterFinished"]
+    assert dict(settings.builder_resources) == merged["builder"]["resources"]
+    assert settings.image_pull_policy == merged["image"]["builder"]["pullPolicy"]
+    assert settings.service_account == merged["workloadServiceAccount"]
+    assert settings.peering == (merged["operator"]["peering"]["name"] if merged["operator"]["peering"]["enabled"] else "")
+    assert settings.workers == merged["operator"]["workers"]
+    assert settings.pvc_root == merged["store"]["pvcRoot"]
+    if merged["builder"]["toolchain"]:
+        assert dict(settings.toolchain) == merged["builder"]["toolchain"]
+    source = "".join(p.read_text() for p in (ROOT / "operator").glob("*.py"))
+    unknown = [name for name in env if name.startswith("OPTIMODEL_") and f'"{name}"' not in source]
+    assert unknown == [], f"the chart sets variables the operator never reads: {unknown}"
+
+
+def test_builder_and_serving_pull_policies_must_agree(chart):
+    with pytest.raises(helm.HelmError, match="must be equal"):
+        render(chart, {"image": {"builder": {"repository": "b", "pullPolicy": "Always"}}})
 
 
 def test_default_env_watches_all_namespaces_and_omits_the_toolchain(chart):
@@ -199,13 +255,14 @@ def test_default_env_watches_all_namespaces_and_omits_the_toolchain(chart):
     assert json.loads(env["OPTIMODEL_BUILDER_TOLERATIONS"]) == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
-    assert "OPTIMODEL_STORE_CREDENTIALS_SECRET" not in env
+    assert env["OPTIMODEL_PEERING"] == ""  # standalone: needs no peering objects
 
 
 def test_operator_command_and_kopf_liveness_probe(chart):
     container = operator_container(objects(render(chart)))
     assert container["command"] == ["python", "-m", "optimodel_operator"]
-    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+    assert "args" not in container
+    assert env_of(container)["OPTIMODEL_LIVENESS"] == "http://0.0.0.0:8080/healthz"  # kopf.run(liveness_endpoint=...)
     [port] = container["ports"]
     assert port["containerPort"] == 8080
     probe = container["livenessProbe"]["httpGet"]
@@ -277,7 +334,6 @@ def test_s3_store_mounts_nothing_and_loads_credentials(chart):
     assert store_volume(docs) == (None, None)
     container = operator_container(docs)
     assert env_of(container)["OPTIMODEL_STORE_URI"] == "s3://models/optimodel"
-    assert env_of(container)["OPTIMODEL_STORE_CREDENTIALS_SECRET"] == "store-creds"
     assert container["envFrom"] == [{"secretRef": {"name": "store-creds"}}]
 
 
@@ -324,7 +380,7 @@ def test_pod_monitor_scrapes_serving_pods(chart):
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     spec = monitor["spec"]
     assert spec["selector"] == {
-        "matchLabels": {"app.kubernetes.io/component": "serving", "app.kubernetes.io/part-of": "optimodel"}
+        "matchLabels": {"app.kubernetes.io/component": "server", "app.kubernetes.io/part-of": "optimodel"}
     }
     assert spec["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
     [endpoint] = spec["podMetricsEndpoints"]
@@ -332,9 +388,53 @@ def test_pod_monitor_scrapes_serving_pods(chart):
     assert set(spec) == {"selector", "namespaceSelector", "podMetricsEndpoints"}
 
 
+def test_pod_monitor_selects_the_serving_pods_the_operator_renders(chart):
+    render_mod = pytest.importorskip("optimodel_operator.render", reason="operator package not importable")
+    from optimodel.spec import OptimizedModelSpec
+    from optimodel.target import Target
+    from optimodel_operator.settings import Settings
+
+    manifest = yaml.safe_load((ROOT / "examples" / "minilm-cluster.yaml").read_text())
+    spec = OptimizedModelSpec.model_validate(manifest["spec"])
+    model = render_mod.ModelRef(namespace="team-a", name=manifest["metadata"]["name"], uid="uid")
+    serving = render_mod.deployment(model, spec, Target(arch="sm90"), "pvc://models/x", "0" * 64, Settings())
+    pod = serving["spec"]["template"]
+    monitor = one(objects(render(chart, OVERRIDE)), "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in [p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])]
+    # nor does it select builder pods
+    job = render_mod.labels(model, render_mod.BUILDER, "sm90")
+    assert not monitor["spec"]["selector"]["matchLabels"].items() <= job.items()
+
+
 def test_pod_monitor_watches_any_namespace_by_default(chart):
     monitor = one(objects(render(chart, {"podMonitor": {"enabled": True}})), "PodMonitor")
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
+
+
+# ---- kopf peering -------------------------------------------------------------------------
+
+
+def test_peering_off_by_default_creates_no_peering_objects(chart):
+    docs = objects(render(chart))
+    assert not [d for d in docs if d["kind"] in ("KopfPeering", "ClusterKopfPeering")]
+
+
+def test_peering_clusterwide_creates_the_cluster_peering_the_operator_names(chart):
+    docs = objects(render(chart, PEERED))
+    [peering] = [d for d in docs if d["kind"] in ("KopfPeering", "ClusterKopfPeering")]
+    assert (peering["apiVersion"], peering["kind"]) == ("kopf.dev/v1", "ClusterKopfPeering")
+    assert "namespace" not in peering["metadata"]
+    assert peering["metadata"]["name"] == env_of(operator_container(docs))["OPTIMODEL_PEERING"] == "optimodel"
+    assert {"get", "list", "watch", "patch"} <= granted(one(docs, "ClusterRole"))[("kopf.dev", "clusterkopfpeerings")]
+
+
+def test_peering_namespaced_creates_one_peering_per_watched_namespace(chart):
+    docs = objects(render(chart, OVERRIDE))
+    peerings = [d for d in docs if d["kind"] in ("KopfPeering", "ClusterKopfPeering")]
+    assert {(p["kind"], p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings} == {
+        ("KopfPeering", "team-a", "optimodel"), ("KopfPeering", "team-b", "optimodel")}
 
 
 # ---- Argo CD health check ------------------------------------------------------------------
@@ -453,8 +553,8 @@ def test_packaged_chart_keeps_the_crd_and_the_lua(tmp_path):
     archive = helm.package(CHART, destination=tmp_path)
     assert Path(archive).name == "optimodel-0.1.0.tgz"
     with helm.Chart.load(archive) as packaged:
-        [crd] = packaged.crds
-        assert crd["filename"].endswith("crds/optimizedmodel.yaml")
-        assert crd["data"].encode() == (ROOT / "crds" / "optimizedmodel.yaml").read_bytes()
+        crds = {c["filename"].rsplit("/", 1)[-1]: c["data"] for c in packaged.crds}
+        assert sorted(crds) == ["kopf-peering.yaml", "optimizedmodel.yaml"]
+        assert crds["optimizedmodel.yaml"].encode() == (ROOT / "crds" / "optimizedmodel.yaml").read_bytes()
         config_map = one(objects(render(packaged)), "ConfigMap")
     assert config_map["data"]["health.lua"].strip() == LUA_FILE.read_text().strip()

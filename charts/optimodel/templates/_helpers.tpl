@@ -82,3 +82,11 @@ app.kubernetes.io/part-of: optimodel
 {{- $claim }}
 {{- end }}
 {{- end }}
+
+{{/* The one pull policy the operator gives builder and serving pods (OPTIMODEL_IMAGE_PULL_POLICY). */}}
+{{- define "optimodel.workloadPullPolicy" -}}
+{{- if ne .Values.image.builder.pullPolicy .Values.image.serving.pullPolicy }}
+{{- fail (printf "image.builder.pullPolicy (%s) and image.serving.pullPolicy (%s) must be equal: the operator gives builder and serving pods one pull policy (OPTIMODEL_IMAGE_PULL_POLICY)" .Values.image.builder.pullPolicy .Values.image.serving.pullPolicy) }}
+{{- end }}
+{{- .Values.image.builder.pullPolicy }}
+{{- end }}

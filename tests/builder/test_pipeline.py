@@ -174,6 +174,7 @@ def test_damaged_artifact_is_rebuilt_not_reused(make_request, build):
 
 def test_prune_distill_int8_build_records_what_it_did(make_request, build, digits_build):
     """The stages wired together; how accurate pruning and INT8 are is test_compression's business."""
+    pytest.importorskip("builder_job.quantize")
     request = make_request(
         uri=f"file://{digits_build}/digits_cnn.pt", fmt="pytorch", entrypoint="examples.digits_cnn:build_model",
         optimization={

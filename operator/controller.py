@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from optimodel_operator.reconcile import (Apply, CreateJob, DeleteJob, Deploymen
 from optimodel_operator.settings import Settings
 
 log = logging.getLogger(__name__)
+RECENT_SECONDS = 60.0  # how long a write the watch has not shown yet is trusted
 OM_API = f"{API_GROUP}/{API_VERSION}"
 # status fields only this operator writes; the rest (Tuned, serving metrics) belongs to the tuner
 OWNED_STATUS = ("observedGeneration", "engines")
@@ -49,7 +51,7 @@ class Controller:
         self.queued_lock = threading.Lock()
         self.fleet: dict | None = None
         self.written: dict[str, tuple[int | None, dict]] = {}  # uid -> (generation, status we wrote)
-        self.recent: dict[tuple, dict] = {}  # (kind, ns, name) -> object written, until the watch shows it
+        self.recent: dict[tuple, tuple[float, dict]] = {}  # (kind, ns, name) -> (when, object written)
         self.published: set[str] = set()
         self.indexed = False
         self.seen_generation: dict[str, int | None] = {}
@@ -97,46 +99,56 @@ class Controller:
         self.kube.close()
 
     # ---- gather -----------------------------------------------------------------------
-    def observe(self, namespace: str, name: str) -> Observed:
-        idx = self.indexes
+    def remember(self, obj: dict) -> None:
+        meta = obj["metadata"]
+        self.recent[(obj["kind"], meta["namespace"], meta["name"])] = (time.monotonic(), obj)
+
+    def recent_of(self, kind: str, namespace: str, uid: str) -> dict[str, dict]:
+        """Objects of this kind the model's last reconciles wrote, by name (stale ones forgotten)."""
+        out, horizon = {}, time.monotonic() - RECENT_SECONDS
+        for key, (when, obj) in list(self.recent.items()):
+            if when < horizon:
+                self.recent.pop(key, None)
+            elif key[0] == kind and key[1] == namespace and obj["metadata"]["ownerReferences"][0]["uid"] == uid:
+                out[key[2]] = obj
+        return out
+
+    def observe(self, model: render.ModelRef) -> Observed:
+        idx, ns, name = self.indexes, model.namespace, model.name
         obs = Observed()
-        for job in idx["job_index"].get((namespace, name), ()):
+        for job in idx["job_index"].get((ns, name), ()):
             obs.jobs[job.name] = job
-            self.recent.pop(("Job", namespace, job.name), None)
-        for (kind, ns, jname), obj in list(self.recent.items()):
-            if kind == "Job" and ns == namespace and obj["metadata"]["labels"][render.L_MODEL] == name:
-                if jname not in obs.jobs:
-                    obs.jobs[jname] = JobView(
-                        name=jname, arch=obj["metadata"]["labels"][render.L_ARCH],
-                        cache_key=obj["metadata"]["labels"][render.L_KEY], state="Active")
+            self.recent.pop(("Job", ns, job.name), None)
+        for jname, obj in self.recent_of("Job", ns, model.uid).items():
+            labels = obj["metadata"]["labels"]
+            obs.jobs.setdefault(jname, JobView(name=jname, arch=labels[render.L_ARCH],
+                                               cache_key=labels[render.L_KEY], state="Active"))
         for jname in obs.jobs:
-            obs.pods[jname] = list(idx["pod_index"].get((namespace, jname), ()))
-        for dep in idx["deployment_index"].get((namespace, name), ()):
+            obs.pods[jname] = list(idx["pod_index"].get((ns, jname), ()))
+        for dep in idx["deployment_index"].get((ns, name), ()):
             obs.deployments[dep.arch] = dep
-        for arch, dep in list(obs.deployments.items()):
-            mine = self.recent.get(("Deployment", namespace, dep.name))
-            if mine is None:
-                continue
-            view = DeploymentView.from_deployment(mine)
-            if view.config_hash == dep.config_hash and view.replicas == dep.replicas:
-                self.recent.pop(("Deployment", namespace, dep.name), None)
+        by_name = {d.name: d for d in obs.deployments.values()}
+        for dname, obj in self.recent_of("Deployment", ns, model.uid).items():
+            mine = DeploymentView.from_deployment(obj)
+            seen = by_name.get(dname)
+            if seen is not None and (seen.config_hash, seen.replicas) == (mine.config_hash, mine.replicas):
+                self.recent.pop(("Deployment", ns, dname), None)  # the watch caught up
             else:
-                obs.deployments[arch] = view
-        for (kind, ns, dname), obj in list(self.recent.items()):
-            if kind == "Deployment" and ns == namespace and obj["metadata"]["labels"][render.L_MODEL] == name:
-                arch = obj["metadata"]["labels"][render.L_ARCH]
-                obs.deployments.setdefault(arch, DeploymentView.from_deployment(obj))
-        obs.service_hash = first(idx["service_index"].get((namespace, name), ()))
-        obs.batching_json = first(idx["batching_index"].get((namespace, name), ()))
-        for kind, attr, value_of in (("Service", "service_hash", lambda o: o["metadata"]["annotations"][render.A_HASH]),
-                                     ("ConfigMap", "batching_json", lambda o: o["data"][render.BATCHING_FILE])):
-            key = (kind, namespace, render.service_name(name) if kind == "Service" else render.batching_name(name))
-            mine = self.recent.get(key)
-            if mine is not None:
-                if getattr(obs, attr) == value_of(mine):
-                    self.recent.pop(key, None)
-                else:
-                    setattr(obs, attr, value_of(mine))
+                obs.deployments[mine.arch] = mine
+        obs.service_hash = first(idx["service_index"].get((ns, name), ()))
+        obs.batching_json = first(idx["batching_index"].get((ns, name), ()))
+        mine = self.recent_of("Service", ns, model.uid).get(render.service_name(name))
+        if mine is not None:
+            value = mine["metadata"]["annotations"][render.A_HASH]
+            if obs.service_hash == value:
+                self.recent.pop(("Service", ns, render.service_name(name)), None)
+            obs.service_hash = value
+        mine = self.recent_of("ConfigMap", ns, model.uid).get(render.batching_name(name))
+        if mine is not None:
+            value = mine["data"][render.BATCHING_FILE]
+            if obs.batching_json == value:
+                self.recent.pop(("ConfigMap", ns, render.batching_name(name)), None)
+            obs.batching_json = value
         return obs
 
     def status_of(self, body: Mapping) -> dict:
@@ -175,7 +187,7 @@ class Controller:
         generation = body["metadata"].get("generation")
         status = self.status_of(body)
         decision = decide(model=model, raw_spec=body.get("spec"), generation=generation, status=status,
-                          fleet=self.fleet or {}, observed=self.observe(namespace, name), settings=self.settings,
+                          fleet=self.fleet or {}, observed=self.observe(model), settings=self.settings,
                           published=self.is_published, secret_exists=lambda s: self.secret_exists(namespace, s),
                           now=cond.now_iso())
         for action in decision.actions:
@@ -200,20 +212,20 @@ class Controller:
         if isinstance(action, CreateJob):
             self.kube.create(action.request)
             created = self.kube.create(action.job)
-            self.recent[("Job", ns, action.name)] = action.job
+            self.remember(action.job)
             log.info("%s/%s: %s Job %s", ns, model.name, "created" if created else "found existing", action.name)
         elif isinstance(action, DeleteJob):
             self.kube.delete(object_path("batch/v1", "jobs", ns, action.name))
             self.recent.pop(("Job", ns, action.name), None)
         elif isinstance(action, Apply):
             self.kube.apply(action.obj)
-            self.recent[(action.obj["kind"], ns, action.obj["metadata"]["name"])] = action.obj
+            self.remember(action.obj)
         elif isinstance(action, Scale):
             self.kube.merge_patch(object_path("apps/v1", "deployments", ns, action.name),
                                   {"spec": {"replicas": action.replicas}})
             mine = self.recent.get(("Deployment", ns, action.name))
             if mine is not None:
-                mine["spec"]["replicas"] = action.replicas
+                mine[1]["spec"]["replicas"] = action.replicas
 
     def post_event(self, model: render.ModelRef, event) -> None:
         now = cond.now_iso()

@@ -75,7 +75,8 @@ async def om_index(namespace, name, body, **_):
 @kopf.index("nodes")
 async def node_index(body, **_):
     target = discovery.node_target(body)
-    return {"gpu": target} if target is not None else None
+    # {} rather than None: kopf keeps the old entry on None, and a node going NotReady must drop out
+    return {"gpu": target} if target is not None else {}
 
 
 @kopf.index("batch", "v1", "jobs", labels=_with(render.BUILDER))

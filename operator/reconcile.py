@@ -286,7 +286,7 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
                 message = job.message or _log_tail(pods) or "the builder failed without a result"
             engines[arch] = _engine(target, "Failed", key, reason=reason, message=message[:1000],
                                     accuracy=result.accuracy if result else None, **common)
-            if not (same and old.get("state") == "Failed"):
+            if not (same and old.get("state") == "Failed" and old.get("reason") == reason):
                 out.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
         elif published(uri):
             engines[arch] = _engine(target, "Ready", key, reason="CacheHit",

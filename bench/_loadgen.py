@@ -1,0 +1,149 @@
+"""Open-loop HTTP/1.1 load generator for loopback benchmarks.
+
+Requests are scheduled at their intended send times (Poisson arrivals at a given
+rate) no matter how the server is doing, and each latency is measured from that
+intended time, so a stalled server cannot hide its slow requests behind a client
+that politely waited (coordinated omission). The client is deliberately thin: one
+pre-encoded request, raw asyncio streams on keep-alive connections, a minimal
+response parser, so that most of the measured time is the server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def http_request(host: str, port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}",
+             "Content-Type: application/octet-stream"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+            break
+    body = await reader.readexactly(length) if length else b""
+    return status, body
+
+
+@dataclass
+class Result:
+    rate: float
+    scheduled: int
+    ok: int = 0
+    rejected: int = 0  # 503
+    errors: int = 0  # other statuses, connection errors, unanswered at the deadline
+    latencies_ms: list[float] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.duration_s if self.duration_s else 0.0
+
+    def pct(self, q: float) -> float:
+        """Percentile over every scheduled request; unanswered or failed ones count as infinitely slow."""
+        if not self.scheduled:
+            return float("nan")
+        lat = sorted(self.latencies_ms)
+        k = int(np.ceil(q / 100 * self.scheduled)) - 1
+        return lat[k] if k < len(lat) else float("inf")
+
+    def summary(self) -> dict:
+        return {"rate": round(self.rate, 1), "scheduled": self.scheduled, "ok": self.ok, "rejected": self.rejected,
+                "errors": self.errors, "throughput": round(self.throughput, 1),
+                "p50_ms": round(self.pct(50), 2), "p99_ms": round(self.pct(99), 2)}
+
+
+class Client:
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def connect(self, n: int) -> None:
+        for _ in range(n):
+            self.idle.append(await asyncio.open_connection(self.host, self.port))
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        reader, writer = conn
+        try:
+            writer.write(request)
+            status, body = await read_response(reader)
+        except BaseException:
+            writer.close()
+            raise
+        self.idle.append(conn)
+        return status, body
+
+    async def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle = []
+
+
+async def open_loop(client: Client, requests: list[bytes], rate: float, duration_s: float,
+                    max_requests: int, grace_s: float = 5.0, seed: int = 0) -> Result:
+    """Send at Poisson arrival times for duration_s (at most max_requests); wait grace_s for stragglers."""
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    while len(times) < max_requests:
+        t += rng.expovariate(rate)
+        if t > duration_s:
+            break
+        times.append(t)
+    result = Result(rate=rate, scheduled=len(times))
+    done_at: list[float] = []
+
+    async def one(intended: float, req: bytes) -> None:
+        try:
+            status, _ = await client.send(req)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            result.errors += 1
+            return
+        now = time.perf_counter()
+        if status == 200:
+            result.ok += 1
+            result.latencies_ms.append((now - intended) * 1000)
+            done_at.append(now)
+        elif status == 503:
+            result.rejected += 1
+        else:
+            result.errors += 1
+
+    start = time.perf_counter() + 0.05
+    tasks = []
+    for i, offset in enumerate(times):
+        intended = start + offset
+        delay = intended - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(intended, requests[i % len(requests)])))
+    _, pending = await asyncio.wait(tasks, timeout=grace_s) if tasks else (set(), set())
+    for p in pending:
+        p.cancel()
+    result.errors += len(pending)
+    end = max(done_at) if done_at else time.perf_counter()
+    result.duration_s = max(end - start, times[-1] if times else 0.0)
+    return result
+
+
+async def closed_loop_latencies(client: Client, request: bytes, n: int) -> list[float]:
+    """One request at a time: per-request round trip in ms (for overhead, not throughput)."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        status, _ = await client.send(request)
+        out.append((time.perf_counter() - t0) * 1000)
+        assert status == 200, status
+    return out

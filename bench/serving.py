@@ -1,0 +1,295 @@
+"""Serving benchmark: the server against its own engine, measured side by side in one run.
+
+For each model (digits CNN, MiniLM; ONNX Runtime CPU, same thread count everywhere):
+  (a) raw engine throughput at maxBatchSize, called in-process (samples/s)
+  (b) the server's highest throughput whose p99 stays under the stated SLO, from an
+      open-loop sweep of arrival rates (one sample per request, binary protocol);
+      efficiency = b / a
+  (c) batching on vs off (maxBatchSize 1, applied live through the config file) at
+      the same arrival rate
+  (d) server overhead per request at batch 1: p50 of a request over loopback minus
+      p50 of the engine call for the same input, alternated one by one (so both see
+      the same machine load); the difference includes loopback TCP and this client
+The last line of output is one JSON object with every figure.
+
+Usage: python bench/serving.py [--quick] [--models digits,minilm] [--threads 1]
+Loopback only; bounded by count and time (a few minutes in all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _loadgen import Client, closed_loop_latencies, http_request, open_loop  # noqa: E402
+
+from optimodel.artifact import EngineInfo, Manifest, open_artifact, publish  # noqa: E402
+from optimodel.batching import BatchingConfig, write_batching_config  # noqa: E402
+from optimodel.spec import TensorSpec  # noqa: E402
+
+BUILD = ROOT / "examples" / "build"
+
+
+def _spec(name, dtype, shape):
+    return TensorSpec(name=name, dtype=dtype, shape=shape)
+
+
+MODELS = {
+    "digits": {
+        "onnx": "digits_cnn.onnx",
+        "inputs": [_spec("image", "float32", [-1, 1, 8, 8])],
+        "outputs": [_spec("logits", "float32", [-1, 10])],
+        "max_batch": 32, "max_wait_ms": 2.0, "slo_ms": 25.0,
+    },
+    "minilm": {
+        "onnx": "minilm.onnx",
+        "inputs": [_spec("input_ids", "int64", [-1, 128]), _spec("attention_mask", "int64", [-1, 128])],
+        "outputs": [_spec("embedding", "float32", [-1, 384])],
+        "max_batch": 32, "max_wait_ms": 5.0, "slo_ms": None,  # set from the engine: see slo_for
+    },
+}
+
+
+def samples(model: str) -> list[dict[str, np.ndarray]]:
+    if model == "digits":
+        x = np.load(BUILD / "digits_test.npz")["image"][:256]
+        return [{"image": x[i:i + 1]} for i in range(len(x))]
+    d = np.load(BUILD / "minilm_sentences.npz")
+    return [{"input_ids": d["input_ids"][i:i + 1], "attention_mask": d["attention_mask"][i:i + 1]}
+            for i in range(len(d["input_ids"]))]
+
+
+def ensure_model(model: str) -> Path:
+    path = BUILD / MODELS[model]["onnx"]
+    if not path.exists():
+        maker = {"digits": "make_digits.py", "minilm": "make_minilm.py"}[model]
+        subprocess.run([sys.executable, str(ROOT / "examples" / maker)], check=True)
+    return path
+
+
+def make_artifact(model: str, workdir: Path) -> Path:
+    cfg = MODELS[model]
+    src = workdir / f"{model}-src"
+    src.mkdir()
+    shutil.copy(ensure_model(model), src / "model.onnx")
+    manifest = Manifest(cache_key="bench" + "0" * 59, model_name=model, arch="cpu",
+                        engine=EngineInfo(file="model.onnx", format="onnx", precision="fp32"),
+                        inputs=cfg["inputs"], outputs=cfg["outputs"], max_batch_size=cfg["max_batch"],
+                        versions={}, files=[])
+    dest = workdir / "store" / model
+    publish(src, manifest, dest.as_uri())
+    return dest
+
+
+def binary_request(host: str, port: int, model: str, feeds: dict[str, np.ndarray]) -> bytes:
+    dt = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    header = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": dt[v.dtype],
+                          "parameters": {"binary_data_size": v.nbytes}} for k, v in feeds.items()],
+              "parameters": {"binary_data_output": True}}
+    head = json.dumps(header).encode()
+    body = head + b"".join(np.ascontiguousarray(v).tobytes() for v in feeds.values())
+    return http_request(host, port, f"/v2/models/{model}/infer", body,
+                        {"Inference-Header-Content-Length": str(len(head))})
+
+
+def raw_engine(artifact: Path, threads: int):
+    from serving_image.backends import load_backend, warm_up, warmup_sizes
+
+    local, manifest = open_artifact(artifact.as_uri())
+    backend = load_backend(local, manifest, threads=threads)
+    warm_up(backend, warmup_sizes(manifest.max_batch_size))
+    return backend
+
+
+def engine_throughput(backend, data: list[dict], batch: int, seconds: float) -> tuple[float, float]:
+    """(samples/s, ms per call) at a fixed batch, best of a few timed windows."""
+    feeds = {k: np.concatenate([d[k] for d in (data * (batch // len(data) + 1))[:batch]]) for k in data[0]}
+    backend.run(feeds)
+    best = 0.0
+    for _ in range(3):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3 or n < 2:
+            backend.run(feeds)
+            n += 1
+        best = max(best, n * batch / (time.perf_counter() - t0))
+    return best, batch / best * 1000
+
+
+class ServerProcess:
+    def __init__(self, artifact: Path, config: Path, port: int, threads: int):
+        self.port = port
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "serving_image", "--artifact", str(artifact),
+                                      "--config", str(config), "--port", str(port), "--threads", str(threads),
+                                      "--log-level", "warning"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("server not ready")
+
+    def batch_fill(self) -> float:
+        """Mean samples per engine call so far, from the server's own metrics."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics").text
+        vals = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name in ("optimodel_batch_size_sum", "optimodel_batch_size_count")}
+        return vals.get("optimodel_batch_size_sum", 0) / max(1, vals.get("optimodel_batch_size_count", 0))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_config(path: Path, **kw) -> None:
+    write_batching_config(path, BatchingConfig(**kw))
+    time.sleep(0.6)  # the server polls every 200 ms
+
+
+async def overhead(client: Client, backend, data: list[dict], reqs: list[bytes], n: int) -> dict:
+    """Alternate one engine call and one server request on the same input, n times each."""
+    engine_ms, server_ms = [], []
+    for i in range(n):
+        feeds = data[i % len(data)]
+        t0 = time.perf_counter()
+        backend.run(feeds)
+        engine_ms.append((time.perf_counter() - t0) * 1000)
+        server_ms.extend(await closed_loop_latencies(client, reqs[i % len(reqs)], 1))
+    e50, s50 = float(np.median(engine_ms)), float(np.median(server_ms))
+    return {"engine_p50_ms": round(e50, 3), "server_p50_ms": round(s50, 3), "overhead_p50_ms": round(s50 - e50, 3)}
+
+
+async def bench_model(model: str, workdir: Path, threads: int, quick: bool) -> dict:
+    cfg = MODELS[model]
+    artifact = make_artifact(model, workdir)
+    data = samples(model)
+    backend = raw_engine(artifact, threads)
+    secs = 1.5 if quick else 3.0
+    a_tput, _ = engine_throughput(backend, data, cfg["max_batch"], secs)
+    b1_tput, b1_ms = engine_throughput(backend, data, 1, secs / 2)
+    call_ms = cfg["max_batch"] / a_tput * 1000
+    # a batch-filling server answers within ~2 engine calls of arrival at saturation; 4 calls leaves room
+    slo = cfg["slo_ms"] or float(round(max(4 * call_ms, 50.0), -1))
+    print(f"[{model}] raw engine: {a_tput:.0f} samples/s at batch {cfg['max_batch']} ({call_ms:.2f} ms/call), "
+          f"{b1_tput:.0f}/s at batch 1 ({b1_ms:.2f} ms/call); SLO p99 < {slo:g} ms", flush=True)
+
+    config = workdir / f"{model}-batching.json"
+    write_batching_config(config, BatchingConfig(max_wait_ms=0, max_batch_size=cfg["max_batch"], max_queue=2048))
+    port = free_port()
+    server = ServerProcess(artifact, config, port, threads)
+    try:
+        server.wait_ready()
+        reqs = [binary_request("127.0.0.1", port, model, d) for d in data]
+        client = Client("127.0.0.1", port)
+        await client.connect(256)
+        # (d) overhead at batch 1, maxWaitMs 0
+        await closed_loop_latencies(client, reqs[0], 50)
+        d = await overhead(client, backend, data, reqs, 150 if quick else 400)
+        print(f"[{model}] overhead at batch 1: server p50 {d['server_p50_ms']} ms - engine p50 "
+              f"{d['engine_p50_ms']} ms = {d['overhead_p50_ms']} ms", flush=True)
+        backend.close()
+
+        # (b) open-loop sweep with batching on
+        set_config(config, max_wait_ms=cfg["max_wait_ms"], max_batch_size=cfg["max_batch"], max_queue=2048)
+        if model == "digits":
+            rates = [500, 1000, 2000, 3000, 4000] if not quick else [500, 2000]
+        else:
+            rates = [f * a_tput for f in ((0.5, 0.7, 0.8, 0.9, 1.0) if not quick else (0.6, 0.9))]
+        duration = 3.0 if quick else 5.0
+        sweep, best = [], None
+        for rate in rates:
+            r = await open_loop(client, reqs, rate, duration, max_requests=int(rate * duration) + 1)
+            s = r.summary() | {"batch_fill": round(server.batch_fill(), 2)}
+            sweep.append(s)
+            ok = r.pct(99) < slo and r.rejected == 0 and r.errors == 0
+            print(f"[{model}]   rate {rate:7.1f}/s -> {r.throughput:7.1f}/s  p50 {r.pct(50):8.2f} ms  "
+                  f"p99 {r.pct(99):8.2f} ms  503s {r.rejected}  err {r.errors}  {'within' if ok else 'over'} SLO",
+                  flush=True)
+            if ok and (best is None or r.throughput > best["throughput"]):
+                best = s
+            if not ok and r.pct(50) > 10 * slo:
+                break  # far past saturation: higher rates only queue more
+        b_tput = best["throughput"] if best else 0.0
+        # (c) the same arrival rate with batching off, switched live through the config file
+        rate_c = best["rate"] if best else rates[0]
+        on = best or sweep[0]
+        set_config(config, max_wait_ms=0, max_batch_size=1, max_queue=2048)
+        off = (await open_loop(client, reqs, rate_c, duration, max_requests=int(rate_c * duration) + 1)).summary()
+        print(f"[{model}] batching on vs off at {rate_c:.0f}/s: p99 {on['p99_ms']} vs {off['p99_ms']} ms, "
+              f"throughput {on['throughput']} vs {off['throughput']}/s, 503s {on['rejected']} vs {off['rejected']}",
+              flush=True)
+        await client.close()
+    finally:
+        server.stop()
+    eff = b_tput / a_tput if a_tput else 0.0
+    print(f"[{model}] (b) {b_tput:.0f}/s within SLO vs (a) {a_tput:.0f}/s raw: efficiency {eff:.3f}", flush=True)
+    return {"threads": threads, "slo_p99_ms": slo,
+            "max_batch": cfg["max_batch"], "a_raw_samples_per_s": round(a_tput, 1),
+            "raw_ms_per_call_at_max_batch": round(call_ms, 3),
+            "raw_batch1_per_s": round(b1_tput, 1),
+            "b_server_per_s_within_slo": round(b_tput, 1), "efficiency_b_over_a": round(eff, 3),
+            "c_batching_on": on, "c_batching_off": off, "d_overhead": d, "sweep": sweep}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="digits,minilm")
+    p.add_argument("--threads", type=int, default=1,
+                   help="engine threads for the raw engine and the server alike (default 1: this box has 2 "
+                        "shared cores, and the server's event loop and the load generator need one)")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    figures = {"bench": "serving", "cpus": len(os.sched_getaffinity(0)), "load_avg": os.getloadavg()[0]}
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="optimodel-bench-") as tmp:
+        for model in args.models.split(","):
+            figures[model] = asyncio.run(bench_model(model, Path(tmp), args.threads, args.quick))
+    figures["wall_s"] = round(time.monotonic() - t0, 1)
+    print(json.dumps(figures, separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    main()

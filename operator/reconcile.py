@@ -295,7 +295,7 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
                 out.events.append(Event("Normal", "CacheHit", f"{arch}: reusing engine {key}"))
         elif job is not None:
             waiting = next((p for p in pods if p.waiting_reason), None)
-            reason, message = "Building", f"Job {jname} is running"
+            reason, message = "Building", f"building in Job {jname}"
             if job.deleting:
                 reason, message = "JobDeleting", f"Job {jname} is being deleted; a new one follows"
             elif waiting is not None and waiting.waiting_reason in IMAGE_PULL_REASONS:
@@ -325,7 +325,7 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
                 job=render.builder_job(model, spec, target, key, jname, settings, generation),
                 request=render.request_configmap(model, jname, request, target)))
             engines[arch] = _engine(target, "Building", key, reason="Building",
-                                    message=f"Job {jname} created", **{**common, "job_name": jname})
+                                    message=f"building in Job {jname}", **{**common, "job_name": jname})
             if same and old.get("state") == "Building" and old.get("jobName") == jname:
                 out.events.append(Event("Warning", "BuildJobMissing", f"{arch}: Job {jname} disappeared; recreated it"))
             else:

@@ -1,7 +1,7 @@
 """A small CNN for sklearn's 8x8 digits, wide enough that convolution dominates.
 
 `build_model` is the entrypoint a `format: pytorch` manifest names
-(`entrypoint: examples.digits_cnn:build_model`); make_digits.py trains it.
+(`entrypoint: digits_cnn:build_model` beside the manifest); make_digits.py trains it.
 """
 
 from __future__ import annotations

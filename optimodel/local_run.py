@@ -85,10 +85,9 @@ def run_build(request: BuildRequest, work_dir: Path, echo=print) -> LocalBuild:
 
 
 def _child_env(base_dir: str | None) -> dict[str, str]:
+    # No PYTHONPATH here: the builder puts the manifest's folder on sys.path itself, after
+    # start-up, because this repository's operator/ folder would shadow the stdlib `operator`.
     env = dict(os.environ)
-    # a pytorch entrypoint like examples.digits_cnn:build_model imports from the manifest's project
-    if base_dir:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(base_dir).parent), base_dir, env.get("PYTHONPATH")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

@@ -103,6 +103,10 @@ class Controller:
         meta = obj["metadata"]
         self.recent[(obj["kind"], meta["namespace"], meta["name"])] = (time.monotonic(), obj)
 
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        """The watch delivered an event for this object: trust the indexes for it again."""
+        self.recent.pop((kind, namespace, name), None)
+
     def recent_of(self, kind: str, namespace: str, uid: str) -> dict[str, dict]:
         """Objects of this kind the model's last reconciles wrote, by name (stale ones forgotten)."""
         out, horizon = {}, time.monotonic() - RECENT_SECONDS

@@ -289,10 +289,15 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
             if not (same and old.get("state") == "Failed" and old.get("reason") == reason):
                 out.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
         elif published(uri):
-            engines[arch] = _engine(target, "Ready", key, reason="CacheHit",
-                                    message="artifact already published; no build needed", **common)
-            if not same:
-                out.events.append(Event("Normal", "CacheHit", f"{arch}: reusing engine {key}"))
+            if job is not None:  # the builder publishes just before its Job reports success
+                engines[arch] = _engine(target, "Ready", key, reason="Succeeded",
+                                        message=f"built by Job {jname}", **common)
+                out.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
+            else:
+                engines[arch] = _engine(target, "Ready", key, reason="CacheHit",
+                                        message="artifact already published; no build needed", **common)
+                if not same:
+                    out.events.append(Event("Normal", "CacheHit", f"{arch}: reusing engine {key}"))
         elif job is not None:
             waiting = next((p for p in pods if p.waiting_reason), None)
             reason, message = "Building", f"building in Job {jname}"

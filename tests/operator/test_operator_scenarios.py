@@ -263,9 +263,10 @@ async def test_cache_hit_rolls_out_without_a_job(kmock, operator, tmp_path):
     # a second model with the same name in another store path would rebuild; the same model recreated does not
     await kmock.remove(OM, NS, "digits")
     await eventually(lambda: not jobs(kmock))
+    await eventually(lambda: not operator.ctrl.indexes["job_index"].get((NS, "digits")), what="operator saw it go")
     await kmock.put(OM, model())
     await eventually(lambda: deployments(kmock), what="rolled out from the cache")
-    assert engine(kmock, "sm80")["reason"] == "CacheHit"
+    await eventually(lambda: engine(kmock, "sm80")["reason"] == "CacheHit", what="engine from the cache")
     assert kmock.count("POST", "jobs") == 1
 
 

@@ -23,9 +23,9 @@ def main() -> int:
     except SettingsError as exc:
         print(f"optimodel-operator: {exc}", file=sys.stderr)
         return 2
-    verbose = os.environ.get("OPTIMODEL_LOG_LEVEL", "INFO").upper() == "DEBUG"
-    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
-    logging.getLogger("optimodel_operator").setLevel(logging.DEBUG if verbose else logging.INFO)
+    level = os.environ.get("OPTIMODEL_LOG_LEVEL", "INFO").upper()
+    kopf.configure(verbose=level == "DEBUG", log_format=kopf.LogFormat.PLAIN)
+    logging.getLogger().setLevel(getattr(logging, level, logging.INFO))
     import optimodel_operator.handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(
@@ -33,7 +33,7 @@ def main() -> int:
         namespaces=list(cfg.namespaces),
         peering_name=cfg.peering or None,
         standalone=not cfg.peering,
-        liveness_endpoint=os.environ.get("OPTIMODEL_LIVENESS", "http://0.0.0.0:8081/healthz"),
+        liveness_endpoint=os.environ.get("OPTIMODEL_LIVENESS", "http://0.0.0.0:8081/healthz") or None,
     )
     return 0
 

@@ -19,6 +19,9 @@
 | `OPTIMODEL_PVC_ROOT` | `/mnt/pvc` | where pods (and the operator) mount `pvc://<claim>` stores |
 | `OPTIMODEL_RESYNC_SECONDS` | `60` | period of the per-model reconcile timer (fleet and child drift) |
 | `OPTIMODEL_WORKERS` | `8` | threads running blocking reconciles |
+| `OPTIMODEL_LIVENESS` | `http://0.0.0.0:8081/healthz` | kopf liveness endpoint (empty: none); read by `__main__` |
+| `OPTIMODEL_LOG_LEVEL` | `INFO` | log level; read by `__main__` |
+| `KUBECONFIG` | `~/.kube/config` | used when not in a cluster (in-cluster config otherwise) |
 
 A `pvc://` store must also be mounted into the operator pod at `$OPTIMODEL_PVC_ROOT/<claim>`
 because the operator checks for published manifests (cache hits) itself.

@@ -2,7 +2,11 @@
 
 Watches every namespace unless OPTIMODEL_NAMESPACES lists some; replicas
 coordinate through kopf peering (OPTIMODEL_PEERING names the ClusterKopfPeering,
-or the KopfPeering in each watched namespace), so only one of them acts.
+or the KopfPeering in each watched namespace). kopf has no leader election: it
+pauses every operator but the one of the highest priority, and pauses *all* of
+them when priorities tie. So each process takes a random priority (or
+OPTIMODEL_PEERING_PRIORITY): one replica acts, the others stand by and resume
+when its peering entry expires.
 See optimodel_operator.settings for every variable.
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 
 import kopf
@@ -33,6 +38,7 @@ def main() -> int:
         namespaces=list(cfg.namespaces),
         peering_name=cfg.peering or None,
         standalone=not cfg.peering,
+        priority=int(os.environ.get("OPTIMODEL_PEERING_PRIORITY") or random.randint(1, 2**31 - 1)),
         liveness_endpoint=os.environ.get("OPTIMODEL_LIVENESS", "http://0.0.0.0:8081/healthz") or None,
     )
     return 0

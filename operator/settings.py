@@ -21,6 +21,7 @@
 | `OPTIMODEL_WORKERS` | `8` | threads running blocking reconciles |
 | `OPTIMODEL_LIVENESS` | `http://0.0.0.0:8081/healthz` | kopf liveness endpoint (empty: none); read by `__main__` |
 | `OPTIMODEL_LOG_LEVEL` | `INFO` | log level; read by `__main__` |
+| `OPTIMODEL_PEERING_PRIORITY` | random per process | kopf peering priority; the highest acts, ties pause all; read by `__main__` |
 | `KUBECONFIG` | `~/.kube/config` | used when not in a cluster (in-cluster config otherwise) |
 
 A `pvc://` store must also be mounted into the operator pod at `$OPTIMODEL_PVC_ROOT/<claim>`

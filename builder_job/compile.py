@@ -33,7 +33,6 @@ CPU_SESSION_OPTIONS: dict[str, str | int | bool] = {
     "graph_optimization_level": "ORT_ENABLE_ALL",
     "execution_mode": "ORT_SEQUENTIAL",
     "inter_op_num_threads": 1,
-    "offline_optimization_level": "ORT_ENABLE_EXTENDED",
 }
 
 
@@ -60,10 +59,10 @@ def compile_cpu(onnx_path: Path, out_dir: Path) -> Compiled:
     options = dict(CPU_SESSION_OPTIONS)
     if not engine.is_file():
         # ORT cannot save models past 2 GB in one file; serve the portable graph, optimized online
-        options.pop("offline_optimization_level")
         return Compiled(engine_file=PORTABLE_ONNX, format="onnx", session_options=options,
                         notes=["offline optimization wrote no file; engine is the unoptimized ONNX"])
-    return Compiled(engine_file=CPU_ENGINE, format="onnx", session_options=options)
+    return Compiled(engine_file=CPU_ENGINE, format="onnx", session_options=options,
+                    notes=["engine.onnx was optimized offline at ORT_ENABLE_EXTENDED (portable across CPUs)"])
 
 
 def compile_gpu(onnx_path: Path, out_dir: Path, target: Target, inputs: list[TensorSpec], max_batch_size: int,

@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["http"] = "httptools"
     except ImportError:
         pass
+    # proxy_headers off: nothing reads the client address, and it is per-request work
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning",
+                                   proxy_headers=False, server_header=False,
                                    lifespan="on", timeout_graceful_shutdown=None, **kwargs))
     server.run()
     if state.warmup_error:

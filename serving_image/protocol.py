@@ -111,7 +111,8 @@ def decode_body(body: bytes, content_encoding: str | None, limit: int) -> bytes:
 
 def _loads(raw: bytes | memoryview) -> Any:
     try:
-        return json.loads(bytes(raw))
+        # decoding first skips json's per-call encoding sniffing of bytes input
+        return json.loads(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"malformed JSON in the inference request: {exc}") from exc
 

@@ -96,3 +96,23 @@ def test_absent_config_uses_manifest_defaults(digits_artifact, tmp_path):
     log = proc.stdout.read()
     assert "missing.json is absent; using maxBatchSize 32 (manifest) and maxWaitMs 2" in log
     assert "serving renamed on" in log
+
+
+def test_engine_that_does_not_load_is_refused(tmp_path):
+    from optimodel.artifact import EngineInfo, Manifest, publish
+    from optimodel.spec import TensorSpec
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.onnx").write_bytes(b"not an onnx model")  # checksums fine, engine broken
+    manifest = Manifest(cache_key="x" * 64, model_name="broken", arch="cpu",
+                        engine=EngineInfo(file="model.onnx", format="onnx", precision="fp32"),
+                        inputs=[TensorSpec(name="image", dtype="float32", shape=[-1, 1, 8, 8])],
+                        outputs=[TensorSpec(name="logits", dtype="float32", shape=[-1, 10])],
+                        max_batch_size=4, versions={}, files=[])
+    publish(src, manifest, (tmp_path / "store" / "broken").as_uri())
+    r = subprocess.run([sys.executable, "-m", "serving_image", "--artifact", str(tmp_path / "store" / "broken"),
+                        "--config", str(tmp_path / "none.json")], cwd=ROOT_DIR, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    assert "refusing to start: engine model.onnx does not load" in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 
 import httpx
 import numpy as np
@@ -92,3 +93,74 @@ def test_metrics_after_traffic(serve, digits_images):
     assert sample(text, "optimodel_max_batch_size") == 32
     assert sample(text, "optimodel_errors_total", reason="bad_request") == 1
     assert sample(text, "optimodel_rejected_total", reason="queue_full") == 0
+
+
+class GatedBackend:
+    """The real engine behind a gate, to hold the server in its warm-up."""
+
+    def __init__(self, inner, fail: bool = False):
+        import threading
+
+        self.inner, self.fail = inner, fail
+        self.gate = threading.Event()
+        for attr in ("platform", "arch", "max_batch_size", "inputs", "outputs"):
+            setattr(self, attr, getattr(inner, attr))
+
+    def run(self, feeds):
+        self.gate.wait(10)
+        if self.fail:
+            raise RuntimeError("no kernel image for this GPU")
+        return self.inner.run(feeds)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["slow-warm-up", "failed-warm-up"])
+def test_not_ready_until_every_bucket_is_warm(digits_artifact, digits_images, fail):
+    import threading
+
+    from optimodel.artifact import open_artifact
+    from optimodel.batching import BatchingConfig
+    from serving_image.app import create_app
+    from serving_image.backends import load_backend
+
+    from .conftest import free_port
+
+    local, manifest = open_artifact(digits_artifact.as_uri())
+    backend = GatedBackend(load_backend(local, manifest, threads=1), fail=fail)
+    app = create_app(backend, manifest, BatchingConfig(max_wait_ms=0, max_batch_size=32))
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(f"{url}/v2/health/live").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.02)
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 503
+        assert httpx.get(f"{url}/v2/models/{MODEL}/ready").status_code == 503
+        body = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}
+        r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=body)
+        assert r.status_code == 503 and "warming up" in r.json()["error"]
+        backend.gate.set()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/v2/health/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if fail:
+            assert httpx.get(f"{url}/v2/health/ready").status_code == 503
+            r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=body)
+            assert r.status_code == 503 and "warm-up failed: no kernel image" in r.json()["error"]
+        else:
+            assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+            assert httpx.post(f"{url}/v2/models/{MODEL}/infer", json=body).status_code == 200
+            assert sample(httpx.get(f"{url}/metrics").text, "optimodel_rejected_total", reason="not_ready") == 1
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -44,6 +44,7 @@ class Result:
     ok: int = 0
     rejected: int = 0  # 503
     errors: int = 0  # other statuses, connection errors, unanswered at the deadline
+    unanswered: int = 0  # of errors: still waiting when the grace period ended
     latencies_ms: list[float] = field(default_factory=list)
     duration_s: float = 0.0
 
@@ -64,7 +65,7 @@ class Result:
             return round(v, 2) if np.isfinite(v) else None
 
         return {"rate": round(self.rate, 1), "scheduled": self.scheduled, "ok": self.ok, "rejected": self.rejected,
-                "errors": self.errors, "throughput": round(self.throughput, 1),
+                "errors": self.errors, "unanswered": self.unanswered, "throughput": round(self.throughput, 1),
                 "p50_ms": ms(self.pct(50)), "p99_ms": ms(self.pct(99))}
 
 
@@ -139,6 +140,7 @@ async def open_loop(client: Client, requests: list[bytes], rate: float, duration
     for p in pending:
         p.cancel()
     result.errors += len(pending)
+    result.unanswered = len(pending)
     end = max(done_at) if done_at else time.perf_counter()
     result.duration_s = max(end - start, times[-1] if times else 0.0)
     return result

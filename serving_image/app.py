@@ -42,8 +42,8 @@ class ServerState:
     warmed_sizes: list[int] = field(default_factory=list)
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> Response:
-    return Response(protocol.error_body(message), status_code=status, media_type=JSON, headers=headers)
+def _error(status: int, message: str) -> Response:
+    return Response(protocol.error_body(message), status_code=status, media_type=JSON)
 
 
 def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
@@ -60,11 +60,9 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
 
     async def warm() -> None:
         sizes = warmup_sizes(backend.max_batch_size)
-        loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         try:
-            # in the engine thread: TensorRT/CUDA state is then set up where it is used
-            await loop.run_in_executor(batcher._executor, warm_up, backend, sizes)
+            await batcher.run_in_engine(warm_up, backend, sizes)
         except Exception as exc:  # not ready forever beats serving an engine that fails
             state.warmup_error = f"warm-up failed: {exc}"
             log.error("%s", state.warmup_error)

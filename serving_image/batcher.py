@@ -114,6 +114,10 @@ class Batcher:
             await self._idle.wait()
         self._executor.shutdown(wait=True)
 
+    async def run_in_engine(self, fn, *args):
+        """Run fn in the engine thread (warm-up: CUDA/TensorRT state then lives where it is used)."""
+        return await self._loop.run_in_executor(self._executor, fn, *args)
+
     # ---- requests ------------------------------------------------------------------
 
     def submit(self, inputs: dict[str, np.ndarray], n: int) -> asyncio.Future:

@@ -45,6 +45,7 @@ class Result:
     rejected: int = 0  # 503
     errors: int = 0  # other statuses, connection errors, unanswered at the deadline
     unanswered: int = 0  # of errors: still waiting when the grace period ended
+    error_kinds: dict = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     duration_s: float = 0.0
 
@@ -65,33 +66,52 @@ class Result:
             return round(v, 2) if np.isfinite(v) else None
 
         return {"rate": round(self.rate, 1), "scheduled": self.scheduled, "ok": self.ok, "rejected": self.rejected,
-                "errors": self.errors, "unanswered": self.unanswered, "throughput": round(self.throughput, 1),
+                "errors": self.errors, "unanswered": self.unanswered,
+                "error_kinds": {str(k): v for k, v in self.error_kinds.items()}, "throughput": round(self.throughput, 1),
                 "p50_ms": ms(self.pct(50)), "p99_ms": ms(self.pct(99))}
 
 
 class Client:
+    """Keep-alive connections, most recently used first.
+
+    uvicorn closes a connection idle for 5 s (its keep-alive timeout); reusing one
+    the server already closed fails with a reset that is the client's fault, not
+    the server's, so connections idle longer than MAX_IDLE_S are dropped unused.
+    """
+
+    MAX_IDLE_S = 3.0
+
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
 
     async def connect(self, n: int) -> None:
         for _ in range(n):
-            self.idle.append(await asyncio.open_connection(self.host, self.port))
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            self.idle.append((reader, writer, time.monotonic()))
+
+    async def _take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        now = time.monotonic()
+        while self.idle:
+            reader, writer, last = self.idle.pop()
+            if now - last < self.MAX_IDLE_S and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection(self.host, self.port)
 
     async def send(self, request: bytes) -> tuple[int, bytes]:
-        conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
-        reader, writer = conn
+        reader, writer = await self._take()
         try:
             writer.write(request)
             status, body = await read_response(reader)
         except BaseException:
             writer.close()
             raise
-        self.idle.append(conn)
+        self.idle.append((reader, writer, time.monotonic()))
         return status, body
 
     async def close(self) -> None:
-        for _, writer in self.idle:
+        for _, writer, _ in self.idle:
             writer.close()
         self.idle = []
 
@@ -115,8 +135,10 @@ async def open_loop(client: Client, requests: list[bytes], rate: float, duration
     async def one(intended: float, req: bytes) -> None:
         try:
             status, _ = await client.send(req)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             result.errors += 1
+            kind = type(exc).__name__
+            result.error_kinds[kind] = result.error_kinds.get(kind, 0) + 1
             return
         now = time.perf_counter()
         if status == 200:
@@ -127,6 +149,7 @@ async def open_loop(client: Client, requests: list[bytes], rate: float, duration
             result.rejected += 1
         else:
             result.errors += 1
+            result.error_kinds[status] = result.error_kinds.get(status, 0) + 1
 
     start = time.perf_counter() + 0.05
     tasks = []

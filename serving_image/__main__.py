@@ -5,6 +5,9 @@ unfinished or fails its checksums. Listens at once so liveness answers, warms ev
 batch-size bucket, then reports ready and logs "serving <model> on http://HOST:PORT".
 SIGTERM: readiness goes false, (after --drain-seconds) the listener closes, every
 accepted request is answered, then the process exits 0.
+
+Exit codes: 0 clean stop, 2 artifact refused (missing, unfinished, checksum), 3 engine
+does not load, 4 warm-up failed; uvicorn's own startup failures (port in use) exit 1 or 3.
 """
 
 from __future__ import annotations
@@ -88,8 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     def on_ready() -> None:
         log.info("serving %s on http://%s:%d", name, args.host, args.port)
 
+    servers = []
+
+    def on_warmup_failed(reason: str) -> None:
+        # exit rather than sit unready: a crash-looping pod says what is wrong, a silent one does not
+        print(f"serving_image: refusing to serve: {reason}", file=sys.stderr)
+        for s in servers:
+            s.should_exit = True
+
     app = create_app(backend, manifest, config, model_name=name, config_path=args.config,
-                     max_body_bytes=args.max_body_bytes, allow_non_finite=args.allow_non_finite, on_ready=on_ready)
+                     max_body_bytes=args.max_body_bytes, allow_non_finite=args.allow_non_finite, on_ready=on_ready,
+                     on_warmup_failed=on_warmup_failed)
     state = app.state.server_state
 
     class Server(uvicorn.Server):
@@ -124,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning",
                                    proxy_headers=False, server_header=False,
                                    lifespan="on", timeout_graceful_shutdown=None, **kwargs))
+    servers.append(server)
     server.run()
     if state.warmup_error:
         return 4

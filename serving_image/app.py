@@ -49,7 +49,8 @@ def _error(status: int, message: str) -> Response:
 def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
                model_name: str | None = None, config_path: Path | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY, allow_non_finite: bool = False,
-               watch_interval: float = 0.2, on_ready: Callable[[], None] | None = None) -> "InferFastPath":
+               watch_interval: float = 0.2, on_ready: Callable[[], None] | None = None,
+               on_warmup_failed: Callable[[str], None] | None = None) -> "InferFastPath":
     name = model_name or manifest.model_name
     metrics = ServerMetrics(name, manifest.arch)
     batcher = Batcher(backend.run, config, engine_max_batch=backend.max_batch_size, metrics=metrics)
@@ -66,6 +67,8 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
         except Exception as exc:  # not ready forever beats serving an engine that fails
             state.warmup_error = f"warm-up failed: {exc}"
             log.error("%s", state.warmup_error)
+            if on_warmup_failed is not None:
+                on_warmup_failed(state.warmup_error)
             return
         state.warmed_sizes = sizes
         state.ready = True

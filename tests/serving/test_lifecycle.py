@@ -116,3 +116,24 @@ def test_engine_that_does_not_load_is_refused(tmp_path):
                        timeout=60)
     assert r.returncode != 0
     assert "refusing to start: engine model.onnx does not load" in r.stderr
+
+
+def test_failed_warm_up_exits_non_zero(digits_build, tmp_path):
+    """The manifest promises a shape the engine rejects: warm-up fails, the process exits 4."""
+    from optimodel.artifact import EngineInfo, Manifest, publish
+    from optimodel.spec import TensorSpec
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(digits_build / "digits_cnn.onnx", src / "model.onnx")
+    manifest = Manifest(cache_key="y" * 64, model_name="wrong", arch="cpu",
+                        engine=EngineInfo(file="model.onnx", format="onnx", precision="fp32"),
+                        inputs=[TensorSpec(name="image", dtype="float32", shape=[-1, 1, 8, 9])],
+                        outputs=[TensorSpec(name="logits", dtype="float32", shape=[-1, 10])],
+                        max_batch_size=4, versions={}, files=[])
+    publish(src, manifest, (tmp_path / "store" / "wrong").as_uri())
+    r = subprocess.run([sys.executable, "-m", "serving_image", "--artifact", str(tmp_path / "store" / "wrong"),
+                        "--config", str(tmp_path / "none.json"), "--port", str(free_port()), "--threads", "1"],
+                       cwd=ROOT_DIR, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 4, r.stderr[-2000:]
+    assert "refusing to serve: warm-up failed" in r.stderr

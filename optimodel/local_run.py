@@ -85,8 +85,8 @@ def run_build(request: BuildRequest, work_dir: Path, echo=print) -> LocalBuild:
 
 
 def _child_env(base_dir: str | None) -> dict[str, str]:
-    # No PYTHONPATH here: the builder puts the manifest's folder on sys.path itself, after
-    # start-up, because this repository's operator/ folder would shadow the stdlib `operator`.
+    # No PYTHONPATH here: the builder puts the manifest's folder on sys.path itself, so a
+    # folder of the user's cannot shadow a module the interpreter needs at start-up.
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

@@ -30,11 +30,15 @@ def run_all(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int
 
 
 def interleaved_latency(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray],
-                        reps: int = 15, inner: int = 3, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call for each session, runs interleaved A B C A B C ...
+                        reps: int = 15, inner: int = 3, warmup: int = 3,
+                        baseline: str | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per call for each session, and median paired speedup vs `baseline`.
 
-    Interleaving matters on a shared 2-core machine: a neighbour's burst then slows every
-    side alike instead of whichever happened to be running.
+    Runs are interleaved A B C A B C ... (order reversed every other round). Interleaving
+    matters on a shared 2-core machine: a neighbour's burst then slows every side alike
+    instead of whichever happened to be running. The speedup is the median over rounds of
+    baseline_time / variant_time within the same round, which cancels slow drifts in load
+    better than a ratio of two medians.
     """
     for sess in sessions.values():
         for _ in range(warmup):
@@ -48,7 +52,9 @@ def interleaved_latency(sessions: dict[str, ort.InferenceSession], feeds: dict[s
             for _ in range(inner):
                 sess.run(None, feeds)
             samples[name].append((time.perf_counter() - start) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    base = baseline or next(iter(sessions))
+    speedup = {k: statistics.median(b / x for b, x in zip(samples[base], v)) for k, v in samples.items()}
+    return {k: statistics.median(v) for k, v in samples.items()}, speedup
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -86,9 +86,8 @@ def bench_digits(reps: int) -> dict:
     sessions = {k: session(p) for k, p in paths.items()}
     acc = {k: float((run_all(s, {"image": test["image"]}).argmax(1) == test["labels"]).mean())
            for k, s in sessions.items()}
-    lat = interleaved_latency(sessions, {"image": test["image"][:BATCH]}, reps=reps)
+    lat, speed = interleaved_latency(sessions, {"image": test["image"][:BATCH]}, reps=reps, baseline="fp32")
     drop = {k: round(100 * (acc["fp32"] - acc[k]), 2) for k in acc}
-    speed = {k: lat["fp32"] / lat[k] for k in lat}
     macs_cut = pruned.macs_reduction
     checks = {
         "prune_distill_within_0.5pt": drop["pruned_fp32"] <= 0.5,
@@ -102,7 +101,7 @@ def bench_digits(reps: int) -> dict:
         f"params {pruned.params_before:,} -> {pruned.params_after:,}")
     for k in paths:
         log(f"  {k:12s} test acc {100 * acc[k]:6.2f} %  (drop {drop[k]:+.2f} pt)  "
-            f"{1e3 * lat[k]:7.2f} ms/batch  {speed[k]:.2f}x vs fp32")
+            f"{1e3 * lat[k]:7.2f} ms/batch  {speed[k]:.2f}x vs fp32 (median of paired rounds)")
     for name, ok in checks.items():
         log(f"  target {name}: {verdict(ok)}")
     return {"testAccuracy": acc, "dropPoints": drop, "latencyMs": {k: round(1e3 * v, 3) for k, v in lat.items()},
@@ -127,15 +126,16 @@ def bench_mobilenet(reps: int) -> dict:
     agree_conf = float((top1_f == top1_q)[confident].mean())
     agree_all = float((top1_f == top1_q).mean())
     in_top5 = float((np.argsort(-lq, axis=1)[:, :5] == top1_f[:, None]).any(1).mean())
-    lat = interleaved_latency({"fp32": fp32, "int8": int8}, {"image": evals[:BATCH]}, reps=reps)
-    speed = lat["fp32"] / lat["int8"]
+    lat, ratios = interleaved_latency({"fp32": fp32, "int8": int8}, {"image": evals[:BATCH]}, reps=reps, inner=1)
+    speed = ratios["int8"]
     checks = {"int8_ge_1.8x": speed >= 1.8, "agreement_confident_ge_0.99": agree_conf >= 0.99,
               "fp32_top1_in_int8_top5_ge_0.95": in_top5 >= 0.95}
     log(f"MobileNetV2, {len(evals)} eval crops ({int(confident.sum())} where FP32 top prob >= 0.5), "
         f"calibration {len(calib['image'])} disjoint crops, quantized in {quant_s:.0f}s")
     log(f"  top-1 agreement on confident crops {agree_conf:.4f}, on all crops {agree_all:.4f}; "
         f"FP32 top-1 in INT8 top-5 {in_top5:.4f}")
-    log(f"  fp32 {1e3 * lat['fp32']:.1f} ms/batch, int8 {1e3 * lat['int8']:.1f} ms/batch: {speed:.2f}x")
+    log(f"  fp32 {1e3 * lat['fp32']:.1f} ms/batch, int8 {1e3 * lat['int8']:.1f} ms/batch (medians): {speed:.2f}x "
+        f"(median of paired rounds)")
     for name, ok in checks.items():
         log(f"  target {name}: {verdict(ok)}")
     return {"agreementConfident": round(agree_conf, 4), "agreementAll": round(agree_all, 4),
@@ -152,13 +152,14 @@ def bench_minilm(reps: int) -> dict:
     fp32, int8 = session(BUILD / "minilm.onnx"), session(q.path)
     ef, eq = run_all(fp32, feeds), run_all(int8, feeds)
     cos = (ef * eq).sum(1) / (np.linalg.norm(ef, axis=1) * np.linalg.norm(eq, axis=1))
-    lat = interleaved_latency({"fp32": fp32, "int8": int8}, {k: v[:BATCH] for k, v in feeds.items()},
-                              reps=max(5, reps // 2))
-    speed = lat["fp32"] / lat["int8"]
+    lat, ratios = interleaved_latency({"fp32": fp32, "int8": int8}, {k: v[:BATCH] for k, v in feeds.items()},
+                                      reps=reps, inner=1, warmup=1)
+    speed = ratios["int8"]
     checks = {"int8_dynamic_ge_1.8x": speed >= 1.8, "mean_cosine_ge_0.99": float(cos.mean()) >= 0.99}
     log(f"MiniLM-L6, {len(cos)} sentences, seq 128, recipe {q.recipe}")
     log(f"  cosine to FP32: mean {cos.mean():.4f}, min {cos.min():.4f}")
-    log(f"  fp32 {1e3 * lat['fp32']:.1f} ms/batch, int8 {1e3 * lat['int8']:.1f} ms/batch: {speed:.2f}x")
+    log(f"  fp32 {1e3 * lat['fp32']:.1f} ms/batch, int8 {1e3 * lat['int8']:.1f} ms/batch (medians): {speed:.2f}x "
+        f"(median of paired rounds)")
     for name, ok in checks.items():
         log(f"  target {name}: {verdict(ok)}")
     return {"cosineMean": round(float(cos.mean()), 5), "cosineMin": round(float(cos.min()), 5),

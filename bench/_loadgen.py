@@ -178,3 +178,35 @@ async def closed_loop_latencies(client: Client, request: bytes, n: int) -> list[
         out.append((time.perf_counter() - t0) * 1000)
         assert status == 200, status
     return out
+
+
+async def concurrent_closed_loop(client: Client, requests: list[bytes], concurrency: int,
+                                 duration_s: float) -> dict:
+    """`concurrency` users, each sending its next request when the last is answered (the peers' setup)."""
+    lat: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + duration_s
+
+    async def user(k: int) -> None:
+        nonlocal errors
+        i = k
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                status, _ = await client.send(requests[i % len(requests)])
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                errors += 1
+                continue
+            if status == 200:
+                lat.append((time.perf_counter() - t0) * 1000)
+            else:
+                errors += 1
+            i += concurrency
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(user(k) for k in range(concurrency)))
+    wall = time.perf_counter() - t0
+    arr = np.array(lat) if lat else np.array([float("nan")])
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors,
+            "throughput": round(len(lat) / wall, 1), "p50_ms": round(float(np.percentile(arr, 50)), 2),
+            "p99_ms": round(float(np.percentile(arr, 99)), 2)}

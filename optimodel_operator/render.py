@@ -246,7 +246,9 @@ def deployment(model: ModelRef, spec: OptimizedModelSpec, target: Target, artifa
         "name": SERVER, "image": settings.serving_image, "imagePullPolicy": settings.image_pull_policy,
         "command": ["python", "-m", "serving_image", "--artifact", artifact_uri,
                     "--config", f"{BATCHING_DIR}/{BATCHING_FILE}", "--host", "0.0.0.0",
-                    "--port", str(PORT), "--model-name", model.name],
+                    "--port", str(PORT), "--model-name", model.name,
+                    # keep accepting while endpoint removal reaches every kube-proxy, then drain
+                    "--drain-seconds", "5"],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "readinessProbe": probe("/v2/health/ready", 2),
         "livenessProbe": probe("/v2/health/live", 10),

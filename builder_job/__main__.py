@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         request = read_request(args.request)
     except ValueError as exc:
         print(f"[builder] {exc}", file=sys.stderr)
-        emit(BuildResult(state="Failed", reason=BuildReason.BUILD_FAILED, cache_key=_raw_cache_key(args.request),
+        emit(BuildResult(state="Failed", reason=BuildReason.INVALID_REQUEST, cache_key=_raw_cache_key(args.request),
                          message=str(exc)), args.result)
         return EXIT_BAD_REQUEST
 

@@ -99,18 +99,19 @@ def check_onnx_inputs(declared: list[TensorSpec], actual: list[TensorSpec]) -> N
 def check_onnx_outputs(declared: list[TensorSpec], actual: list[TensorSpec]) -> None:
     by_name = {t.name: t for t in actual}
     if set(by_name) != {t.name for t in declared}:
-        raise BuildError(BuildReason.INPUT_MISMATCH,
+        raise BuildError(BuildReason.OUTPUT_MISMATCH,
                          f"declared outputs {[t.name for t in declared]} but the model returns {sorted(by_name)}")
     for spec in declared:
         _check_tensor(spec, by_name[spec.name], "output")
 
 
 def _check_tensor(spec: TensorSpec, actual: TensorSpec, kind: str) -> None:
+    reason = BuildReason.INPUT_MISMATCH if kind == "input" else BuildReason.OUTPUT_MISMATCH
     if spec.dtype != actual.dtype:
-        raise BuildError(BuildReason.INPUT_MISMATCH,
+        raise BuildError(reason,
                          f"{kind} '{spec.name}' declared {spec.dtype}, the model has {actual.dtype}")
     if len(spec.shape) != len(actual.shape) or not all(_dim_fits(d, a) for d, a in zip(spec.shape, actual.shape)):
-        raise BuildError(BuildReason.INPUT_MISMATCH,
+        raise BuildError(reason,
                          f"{kind} '{spec.name}' declared shape {spec.shape}, the model has {actual.shape} (-1 = dynamic)")
 
 
@@ -216,11 +217,11 @@ def _check_torch_signature(module, source: ModelSource) -> list[str]:
         raise BuildError(BuildReason.INVALID_MODEL, "the model's forward must return tensors")
     if source.outputs:
         if len(source.outputs) != len(outputs):
-            raise BuildError(BuildReason.INPUT_MISMATCH,
+            raise BuildError(BuildReason.OUTPUT_MISMATCH,
                              f"declared {len(source.outputs)} outputs, the model returns {len(outputs)}")
         for spec, tensor in zip(source.outputs, outputs):
             if NUMPY_DTYPES[spec.dtype] != np.dtype(str(tensor.dtype).removeprefix("torch.")):
-                raise BuildError(BuildReason.INPUT_MISMATCH,
+                raise BuildError(BuildReason.OUTPUT_MISMATCH,
                                  f"output '{spec.name}' declared {spec.dtype}, the model returns {tensor.dtype}")
         return [o.name for o in source.outputs]
     return ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]

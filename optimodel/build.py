@@ -28,7 +28,9 @@ class BuildReason(StrEnum):
     UNAUTHORIZED = "Unauthorized"  # the store refused the credentials
     CHECKSUM_MISMATCH = "ChecksumMismatch"
     INVALID_MODEL = "InvalidModel"  # corrupt or unparsable model file
+    INVALID_REQUEST = "InvalidRequest"  # the build request file is unreadable or invalid
     INPUT_MISMATCH = "InputMismatch"  # declared inputs do not match the model
+    OUTPUT_MISMATCH = "OutputMismatch"  # declared outputs do not match the model
     INVALID_DATASET = "InvalidDataset"  # calibration / gate / distillation data of wrong shape or dtype
     PRUNING_UNSUPPORTED = "PruningUnsupported"  # pruning asked for a non-PyTorch source
     EXPORT_FAILED = "ExportFailed"  # ONNX export or its check against the source failed

@@ -86,7 +86,7 @@ def test_declared_inputs_that_do_not_match_the_onnx(make_request, build, store, 
 
 def test_declared_outputs_that_do_not_match_the_onnx(make_request, build, store):
     result = build(make_request(outputs=[TensorSpec(name="probs", dtype="float32", shape=[-1, 10])]))
-    _assert_failed(result, BuildReason.INPUT_MISMATCH, store, "probs", "logits")
+    _assert_failed(result, BuildReason.OUTPUT_MISMATCH, store, "probs", "logits")
 
 
 def test_declared_inputs_the_torch_model_rejects(make_request, build, store, digits_build):

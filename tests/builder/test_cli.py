@@ -92,6 +92,7 @@ def test_invalid_request_exits_2_naming_file_and_field(tmp_path, content, words)
         assert word in proc.stderr, proc.stderr
     result = last_result(proc)
     assert result.state == "Failed" and str(request_file) in result.message
+    assert result.reason.value == "InvalidRequest"
 
 
 def test_missing_request_file_exits_2(tmp_path):

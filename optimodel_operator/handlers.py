@@ -43,6 +43,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **kwar
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="optimodel.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="optimodel.io")
     settings.posting.enabled = False  # events are posted by the Controller, on transitions only
+    # least-privilege RBAC grants no cluster-wide CRD/namespace watch: resolve resources once at start
+    settings.scanning.disabled = True
     # only the operator's own children are streamed, not every Pod of the cluster
     for resource in ("jobs", "pods", "deployments", "services", "configmaps"):
         settings.watching.label_selectors[resource] = render.SELECTOR

@@ -227,6 +227,10 @@ class EngineStatus(ApiModel):
     reason: str | None = None
     message: str | None = None
     job_name: str | None = None
+    serving_cache_key: str | None = Field(
+        default=None,
+        description="Engine the pods of this architecture serve now; differs from cacheKey while a rebuild runs or after it failed.",
+    )
 
 
 class ServingStatus(ApiModel):

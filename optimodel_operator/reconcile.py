@@ -369,6 +369,13 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
         elif dep is not None and dep.artifact_uri:
             serving_plan[arch] = (target, dep.artifact_uri, dep.cache_key)  # the previous engine keeps serving
 
+    for arch in list(engines):
+        # a copy: engines may hold the previous status' own dicts
+        eng = {k: v for k, v in engines[arch].items() if k != "servingCacheKey"}
+        if arch in serving_plan:
+            eng["servingCacheKey"] = serving_plan[arch][2]
+        engines[arch] = eng
+
     pending_rollout: set[str] = set()
     if serving_plan:
         cm = render.batching_configmap(model, batching)

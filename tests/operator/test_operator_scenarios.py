@@ -90,6 +90,9 @@ async def test_gate_failure_keeps_previous_engine_serving(kmock, operator, tmp_p
     assert gate["reason"] == "AccuracyGateFailed" and "0.031" in gate["message"]
     eng = engine(kmock, "sm80")
     assert eng["state"] == "Failed" and eng["reason"] == "AccuracyGateFailed" and eng["accuracy"]["drop"] == 0.031
+    # status tells which engine still serves: the old one, not the rejected key
+    assert eng["servingCacheKey"] and eng["servingCacheKey"] != eng["cacheKey"]
+    assert eng["servingCacheKey"] in old_artifact
     assert condition(kmock, "Ready")["reason"] == "AccuracyGateFailed"
     assert condition(kmock, "Serving")["status"] == "True"
     assert artifact_of(deployments(kmock)["sm80"]) == old_artifact

@@ -151,20 +151,13 @@ class ServerProcess:
                                       "--log-level", "warning"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
-        import httpx
+        from optimodel.local_run import LocalRunError, wait_ready
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("server not ready")
+        try:
+            wait_ready(self.proc, f"http://127.0.0.1:{self.port}", timeout_s=timeout, poll_s=0.1)
+        except LocalRunError as exc:
+            self.log.seek(0)
+            raise RuntimeError(f"{exc}: {self.log.read()[-2000:]}") from None
 
     def batch_stats(self) -> tuple[float, float]:
         """(samples, engine calls) so far, from the server's own metrics."""

@@ -113,18 +113,20 @@ def start_server(model: OptimizedModel, build: LocalBuild, store_dir: Path, host
     return subprocess.Popen(cmd, env=_child_env(None))
 
 
-def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float = 180.0) -> None:
+def wait_ready(proc: subprocess.Popen | None, base_url: str, timeout_s: float = 180.0, poll_s: float = 0.2) -> None:
+    """Poll /v2/health/ready until 200; fail early when the server process (if any) exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise LocalRunError(f"the server exited with code {proc.returncode} before it was ready", exit_code=3)
         try:
             if httpx.get(f"{base_url}/v2/health/ready", timeout=1.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
-    proc.terminate()
+        time.sleep(poll_s)
+    if proc is not None:
+        proc.terminate()
     raise LocalRunError(f"the server was not ready within {timeout_s:.0f}s", exit_code=3)
 
 

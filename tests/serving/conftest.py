@@ -9,15 +9,14 @@ from __future__ import annotations
 import shutil
 import socket
 import threading
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 import uvicorn
 
+from optimodel import local_run
 from optimodel.artifact import EngineInfo, Manifest, open_artifact, publish
 from optimodel.batching import BatchingConfig, write_batching_config
 from optimodel.spec import TensorSpec
@@ -81,17 +80,7 @@ def free_port() -> int:
 
 
 def wait_ready(url: str, timeout: float = 30.0, proc=None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
+    local_run.wait_ready(proc, url, timeout_s=timeout, poll_s=0.05)
 
 
 class ThreadedServer:

@@ -3,7 +3,10 @@
 The last stdout line is the BuildResult as one line of JSON; it also goes to
 /dev/termination-log when that exists (the operator reads it from the pod's
 status) and to --result when given. Exit 0: Succeeded (a cache hit too);
-1: Failed; 2: the request file cannot be read or is not a valid BuildRequest.
+1: Failed in a way a retry may fix (a store, the node, an unforeseen error);
+2: the request file cannot be read or is not a valid BuildRequest;
+3: Failed in a way every retry repeats (invalid model, gate failed, ...): the
+builder Job's podFailurePolicy fails the Job on 2 and 3 without retrying.
 """
 
 from __future__ import annotations
@@ -16,9 +19,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from optimodel.build import TERMINATION_LOG, BuildReason, BuildRequest, BuildResult
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_REQUEST = 0, 1, 2
+from optimodel.build import (EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_OK, EXIT_WILL_FAIL_AGAIN,  # noqa: F401
+                             TERMINATION_LOG, BuildReason, BuildRequest, BuildResult, exit_code_for)
 
 # tests and local runs point this elsewhere; a pod has /dev/termination-log
 TERMINATION_LOG_ENV = "OPTIMODEL_TERMINATION_LOG"
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         options.profiling = ProfileSettings(seconds_per_batch=float(os.environ[PROFILE_SECONDS_ENV]))
     result = run_build(request, options=options)
     emit(result, args.result)
-    return EXIT_OK if result.state == "Succeeded" else EXIT_FAILED
+    return EXIT_OK if result.state == "Succeeded" else exit_code_for(result.reason)
 
 
 if __name__ == "__main__":

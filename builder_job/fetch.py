@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import tarfile
+import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 from optimodel import storage
 from optimodel.build import BuildReason
 from optimodel.cache_key import file_sha256
-from optimodel.spec import ModelSource
+from optimodel.spec import ModelCode, ModelSource
 
 from builder_job.errors import BuildError
 
@@ -43,3 +46,29 @@ def fetch_model(source: ModelSource, dest_dir: Path, base_dir: str | None) -> Pa
             raise BuildError(BuildReason.CHECKSUM_MISMATCH,
                              f"model {source.uri} has sha256 {actual}, the spec declares {source.sha256}")
     return path
+
+
+def fetch_code(code: ModelCode, dest_dir: Path, base_dir: str | None) -> Path:
+    """The model's code (a .py file or an archive) unpacked into a folder for the import path."""
+    path = fetch_uri(code.uri, dest_dir / "download", base_dir, what="model code")
+    if code.sha256:
+        actual = file_sha256(path)
+        if actual != code.sha256:
+            raise BuildError(BuildReason.CHECKSUM_MISMATCH,
+                             f"model code {code.uri} has sha256 {actual}, the spec declares {code.sha256}")
+    root = dest_dir / "src"
+    root.mkdir(parents=True, exist_ok=True)
+    name = path.name.lower()
+    try:
+        if name.endswith(".py"):
+            shutil.copyfile(path, root / path.name)
+        elif name.endswith(".zip"):
+            with zipfile.ZipFile(path) as archive:
+                archive.extractall(root)  # zipfile drops absolute paths and '..' itself
+        else:
+            with tarfile.open(path) as archive:
+                archive.extractall(root, filter="data")  # refuses links and paths out of root
+    except (zipfile.BadZipFile, tarfile.TarError, OSError) as exc:
+        raise BuildError(BuildReason.INVALID_MODEL,
+                         f"model code {code.uri} is not a readable {path.suffix} file: {type(exc).__name__}: {exc}") from exc
+    return root

@@ -39,10 +39,11 @@ class LoadedModel:
         return self.format in TORCH_FORMATS
 
 
-def load_model(path: Path, source: ModelSource, base_dir: str | None) -> LoadedModel:
+def load_model(path: Path, source: ModelSource, base_dir: str | None, code_dir: Path | None = None) -> LoadedModel:
+    """code_dir: the fetched spec.model.code; without it (local runs) the manifest's folder holds the code."""
     if source.format == "onnx":
         return _load_onnx(path, source)
-    module, program = _load_torch(path, source, base_dir)
+    module, program = _load_torch(path, source, str(code_dir) if code_dir else base_dir)
     out_names = _check_torch_signature(module, source)
     return LoadedModel(format=source.format, path=path, inputs=list(source.inputs), output_names=out_names,
                        module=module, exported_program=program)
@@ -125,7 +126,7 @@ def _dim_fits(declared: int, model: int) -> bool:
 
 # ---- torch --------------------------------------------------------------------
 
-def _load_torch(path: Path, source: ModelSource, base_dir: str | None):
+def _load_torch(path: Path, source: ModelSource, code_dir: str | None):
     import torch
 
     try:
@@ -138,7 +139,7 @@ def _load_torch(path: Path, source: ModelSource, base_dir: str | None):
     except Exception as exc:
         raise BuildError(BuildReason.INVALID_MODEL,
                          f"{path.name} is not a loadable {source.format} model: {_short(exc)}") from exc
-    module = build_entrypoint(source.entrypoint or "", base_dir)
+    module = build_entrypoint(source.entrypoint or "", code_dir)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -152,19 +153,22 @@ def _load_torch(path: Path, source: ModelSource, base_dir: str | None):
     return module.eval(), None
 
 
-def build_entrypoint(entrypoint: str, base_dir: str | None):
+def build_entrypoint(entrypoint: str, code_dir: str | None):
     from torch import nn
 
     module_name, _, attr = entrypoint.partition(":")
-    # the manifest's directory holds the model code in local runs (examples.digits_cnn)
-    for extra in filter(None, [base_dir]):
-        if extra not in sys.path:
-            sys.path.insert(0, extra)
+    # the fetched spec.model.code, or in a local run without it the manifest's folder
+    if code_dir and code_dir not in sys.path:
+        sys.path.insert(0, code_dir)
     try:
         factory = importlib.import_module(module_name)
         for part in attr.split("."):
             factory = getattr(factory, part)
         module = factory()
+    except ModuleNotFoundError as exc:
+        where = f"in {code_dir}" if code_dir else "(no spec.model.code given)"
+        raise BuildError(BuildReason.INVALID_MODEL,
+                         f"entrypoint {entrypoint}: module {exc.name!r} not found {where}: {_short(exc)}") from exc
     except Exception as exc:
         raise BuildError(BuildReason.INVALID_MODEL, f"entrypoint {entrypoint} failed: {_short(exc)}") from exc
     if not isinstance(module, nn.Module):

@@ -118,10 +118,12 @@ def _build(request: BuildRequest, s: _State, log: StageLog, options: BuildOption
         preflight(request)
     with log.stage("fetch"):
         s.model_file = fetch.fetch_model(request.source, s.work / "model", request.base_dir)
+        code_dir = (fetch.fetch_code(request.source.code, s.work / "code", request.base_dir)
+                    if request.source.code else None)
         files = {purpose: fetch.fetch_uri(uri, s.work / "data" / purpose, request.base_dir, what=f"{purpose} dataset")
                  for purpose, uri in dataset_uris(request).items()}
     with log.stage("load"):
-        s.loaded = load.load_model(s.model_file, request.source, request.base_dir)
+        s.loaded = load.load_model(s.model_file, request.source, request.base_dir, code_dir)
         need_labels = bool(opt.accuracy_gate and opt.accuracy_gate.metric == "top1")
         for purpose, path in files.items():
             s.datasets[purpose] = gate.load_dataset(path, request.source.inputs, purpose,

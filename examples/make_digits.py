@@ -4,6 +4,7 @@ Writes into examples/build/ (or --out):
   digits_cnn.onnx          the FP32 model, dynamic batch axis (input 'image', output 'logits')
   digits_cnn.pt            its state_dict, for `format: pytorch` with the digits_cnn entrypoint
   digits_cnn.torchscript   TorchScript of the same model
+  digits_cnn.pt2           torch.export of the same model (dynamic batch): needs no model code
   digits_train.npz         training split (image, labels): distillation data
   digits_calib.npz         256 training images: calibration data
   digits_test.npz          held-out split (image, labels): accuracy gate and tests
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "digits_cnn.onnx").exists() and (out / "digits_meta.json").exists():
+    if all((out / f).exists() for f in ("digits_cnn.onnx", "digits_cnn.pt2", "digits_meta.json")):
         print(f"digits example already built in {out}")
         return 0
 
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         model, (example,), str(out / "digits_cnn.onnx"), input_names=["image"], output_names=["logits"],
         dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18, dynamo=False,
     )
+    # torch.export: the graph and weights in one file, no model code needed (the cluster format)
+    program = torch.export.export(model.eval(), (example,),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+    torch.export.save(program, str(out / "digits_cnn.pt2"))
     np.savez(out / "digits_train.npz", image=x_train, labels=y_train)
     np.savez(out / "digits_calib.npz", image=x_train[:256])
     np.savez(out / "digits_test.npz", image=x_test, labels=y_test)

@@ -43,6 +43,28 @@ class BuildReason(StrEnum):
     BUILD_FAILED = "BuildFailed"  # anything else, with the message
 
 
+# The builder's exit codes. A failure that fails the same way on every retry exits
+# EXIT_WILL_FAIL_AGAIN (or EXIT_BAD_REQUEST), and the builder Job's podFailurePolicy
+# fails the Job on these at once instead of spending its backoffLimit on them.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_REQUEST, EXIT_WILL_FAIL_AGAIN = 0, 1, 2, 3
+DETERMINISTIC_EXIT_CODES = (EXIT_BAD_REQUEST, EXIT_WILL_FAIL_AGAIN)
+DETERMINISTIC_REASONS = frozenset({
+    BuildReason.CHECKSUM_MISMATCH, BuildReason.INVALID_MODEL, BuildReason.INVALID_REQUEST,
+    BuildReason.INPUT_MISMATCH, BuildReason.OUTPUT_MISMATCH, BuildReason.INVALID_DATASET,
+    BuildReason.PRUNING_UNSUPPORTED, BuildReason.EXPORT_FAILED, BuildReason.QUANTIZATION_FAILED,
+    BuildReason.ACCURACY_GATE_FAILED, BuildReason.NOT_IMPLEMENTED,
+})
+
+
+def exit_code_for(reason: BuildReason) -> int:
+    """The builder's exit code for a result: transient failures (a store, a node, a bug) may pass on a retry."""
+    if reason in (BuildReason.SUCCEEDED, BuildReason.CACHE_HIT):
+        return EXIT_OK
+    if reason == BuildReason.INVALID_REQUEST:
+        return EXIT_BAD_REQUEST
+    return EXIT_WILL_FAIL_AGAIN if reason in DETERMINISTIC_REASONS else EXIT_FAILED
+
+
 class BuildRequest(ApiModel):
     api_version: Literal["optimodel.io/build/v1"] = BUILD_REQUEST_VERSION
     namespace: str = "default"

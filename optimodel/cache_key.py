@@ -56,13 +56,17 @@ def file_sha256(path: Path) -> str:
 
 
 def canonical_options(source: ModelSource, optimization: Optimization, max_batch_size: int) -> dict:
-    return {
+    options = {
         "format": source.format,
         "entrypoint": source.entrypoint,
         "inputs": [t.wire() for t in source.inputs],
         "optimization": optimization.wire(),
         "maxBatchSize": max_batch_size,
     }
+    if source.code is not None:
+        # the code builds the module: other code, other engine (pin content with code.sha256)
+        options["code"] = f"sha256:{source.code.sha256}" if source.code.sha256 else f"uri:{source.code.uri}"
+    return options
 
 
 def cache_key(digest: str, options: dict, target: Target, toolchain: dict[str, str]) -> str:

@@ -23,8 +23,8 @@ from optimodel import storage
 from optimodel.artifact import artifact_uri
 from optimodel.batching import BatchingConfig, write_batching_config
 from optimodel.build import BuildRequest, BuildResult
-from optimodel.cache_key import cache_key, canonical_options, model_digest, toolchain_versions
-from optimodel.spec import OptimizedModel
+from optimodel.cache_key import cache_key, canonical_options, file_sha256, model_digest, toolchain_versions
+from optimodel.spec import ModelSource, OptimizedModel
 from optimodel.target import CPU
 
 DEFAULT_STORE = Path(".optimodel")
@@ -52,13 +52,14 @@ def plan_build(model: OptimizedModel, manifest_dir: Path, store_dir: Path) -> Bu
     if storage.is_local(spec.model.uri):
         local_model = storage.local_path(spec.model.uri, manifest_dir)
     digest = model_digest(spec.model, local_model)
-    options = canonical_options(spec.model, spec.optimization, spec.serving.max_batch_size)
+    source = _pin_local_code(spec.model, manifest_dir)
+    options = canonical_options(source, spec.optimization, spec.serving.max_batch_size)
     key = cache_key(digest, options, CPU, toolchain_versions(CPU))
     store_uri = f"file://{store_dir.resolve()}"
     return BuildRequest(
         namespace=namespace,
         model_name=model.metadata.name,
-        source=spec.model,
+        source=source,
         optimization=spec.optimization,
         target=CPU,
         max_batch_size=spec.serving.max_batch_size,
@@ -66,6 +67,18 @@ def plan_build(model: OptimizedModel, manifest_dir: Path, store_dir: Path) -> Bu
         artifact_uri=artifact_uri(store_uri, namespace, model.metadata.name, key),
         base_dir=str(manifest_dir.resolve()),
     )
+
+
+def _pin_local_code(source: ModelSource, manifest_dir: Path) -> ModelSource:
+    """A local spec.model.code without sha256 gets its file's: an edit to the code rebuilds, and the
+    builder checks that it builds the code the key was made from."""
+    code = source.code
+    if code is None or code.sha256 or not storage.is_local(code.uri):
+        return source
+    path = storage.local_path(code.uri, manifest_dir)
+    if not path.is_file():
+        return source  # the builder reports FetchFailed naming the file
+    return source.model_copy(update={"code": code.model_copy(update={"sha256": file_sha256(path)})})
 
 
 def run_build(request: BuildRequest, work_dir: Path, echo=print) -> LocalBuild:

@@ -72,12 +72,33 @@ class TensorSpec(ApiModel):
         return shape
 
 
+CODE_SUFFIXES = (".py", ".zip", ".tar", ".tar.gz", ".tgz")
+
+
+class ModelCode(ApiModel):
+    uri: StoreUri = Field(description="A .py module or a .zip / .tar / .tar.gz / .tgz of modules and packages.")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("uri")
+    @classmethod
+    def _code_suffix(cls, uri: str) -> str:
+        if not uri.lower().endswith(CODE_SUFFIXES):
+            raise ValueError(f"code uri must end with one of {', '.join(CODE_SUFFIXES)}, got '{uri}'")
+        return uri
+
+
 class ModelSource(ApiModel):
     uri: StoreUri
     format: ModelFormat = "onnx"
     entrypoint: str | None = Field(
         default=None,
         description="For format pytorch: 'module:callable' returning the nn.Module; the uri holds its state_dict.",
+    )
+    code: ModelCode | None = Field(
+        default=None,
+        description="For format pytorch: the code the entrypoint imports, fetched and checksummed like the "
+                    "model and put on the import path of the builder only (servers run the ONNX). "
+                    "Required in a cluster.",
     )
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     credentials_secret: str | None = Field(
@@ -94,6 +115,8 @@ class ModelSource(ApiModel):
                 raise ValueError("format 'pytorch' needs entrypoint 'module:callable'")
         elif self.entrypoint is not None:
             raise ValueError(f"entrypoint is only allowed with format 'pytorch', not '{self.format}'")
+        elif self.code is not None:
+            raise ValueError(f"code is only allowed with format 'pytorch', not '{self.format}'")
         names = [t.name for t in self.inputs]
         if len(set(names)) != len(names):
             raise ValueError(f"input names must be unique, got {names}")

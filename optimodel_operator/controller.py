@@ -214,8 +214,16 @@ class Controller:
     def act(self, model: render.ModelRef, action) -> None:
         ns = model.namespace
         if isinstance(action, CreateJob):
-            self.kube.create(action.request)
+            # the Job first: its request ConfigMap is owned by it (a pod waits for the mount meanwhile)
             created = self.kube.create(action.job)
+            job = created or self.kube.get(object_path("batch/v1", "jobs", ns, action.name))
+            if job is not None:
+                request = render.owned_by_job(action.request, job)
+                if self.kube.create(request) is None:
+                    # left by an earlier Job of this name, which the garbage collector may still take
+                    self.kube.merge_patch(object_path("v1", "configmaps", ns, action.name),
+                                          {"metadata": {"ownerReferences": request["metadata"]["ownerReferences"]},
+                                           "data": request["data"]})
             self.remember(action.job)
             log.info("%s/%s: %s Job %s", ns, model.name, "created" if created else "found existing", action.name)
         elif isinstance(action, DeleteJob):

@@ -37,7 +37,8 @@ from optimodel_operator.discovery import desired_targets
 from optimodel_operator.settings import Settings
 
 IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
-JOB_FAILURE_REASONS = {"DeadlineExceeded": "BuildTimedOut", "BackoffLimitExceeded": "BuildFailed"}
+JOB_FAILURE_REASONS = {"DeadlineExceeded": "BuildTimedOut", "BackoffLimitExceeded": "BuildFailed",
+                       "PodFailurePolicy": "BuildFailed"}
 
 
 # ---- what exists -------------------------------------------------------------
@@ -60,9 +61,11 @@ class JobView:
         for c in status.get("conditions") or []:
             if c.get("status") != "True":
                 continue
-            if c.get("type") == "Complete":
+            # SuccessCriteriaMet / FailureTarget (Kubernetes >= 1.31) come first, while the pods
+            # still terminate; the outcome is decided then, Complete / Failed only follow it
+            if c.get("type") in ("Complete", "SuccessCriteriaMet") and state != "Failed":
                 state = "Succeeded"
-            elif c.get("type") == "Failed":
+            elif c.get("type") in ("Failed", "FailureTarget"):
                 state, reason, message = "Failed", c.get("reason"), c.get("message")
         if state == "Active" and (status.get("succeeded") or 0) >= 1:
             state = "Succeeded"
@@ -105,19 +108,32 @@ class DeploymentView:
     cache_key: str
     config_hash: str
     replicas: int
-    available: bool
+    available: bool  # rolled out: every pod runs the current template and is available
+    stuck: str | None = None  # the Progressing condition's message when the progress deadline passed
 
     @classmethod
     def from_deployment(cls, dep: Mapping) -> "DeploymentView":
         meta, spec, status = dep.get("metadata") or {}, dep.get("spec") or {}, dep.get("status") or {}
         ann = meta.get("annotations") or {}
         replicas = spec.get("replicas", 1)
-        current = (status.get("observedGeneration") or 0) >= (meta.get("generation") or 0)
-        available = (current and (status.get("updatedReplicas") or 0) >= replicas
-                     and (status.get("availableReplicas") or 0) >= replicas)
+        stuck = None
+        for c in status.get("conditions") or []:
+            if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
+                stuck = c.get("message") or "the Deployment exceeded its progress deadline"
         return cls(name=meta.get("name", ""), arch=(meta.get("labels") or {}).get(render.L_ARCH, ""),
                    artifact_uri=ann.get(render.A_ARTIFACT, ""), cache_key=ann.get(render.A_KEY, ""),
-                   config_hash=ann.get(render.A_HASH, ""), replicas=replicas, available=available)
+                   config_hash=ann.get(render.A_HASH, ""), replicas=replicas,
+                   available=rolled_out(meta, replicas, status), stuck=stuck)
+
+
+def rolled_out(meta: Mapping, replicas: int, status: Mapping) -> bool:
+    """The rule of `kubectl rollout status`: mid-surge the old pods still count in
+    status.replicas and may be the only available ones, so matching spec.replicas is not enough."""
+    updated = status.get("updatedReplicas") or 0
+    return ((status.get("observedGeneration") or 0) >= (meta.get("generation") or 0)
+            and updated >= replicas
+            and (status.get("replicas") or 0) <= updated
+            and (status.get("availableReplicas") or 0) >= updated)
 
 
 @dataclass
@@ -194,6 +210,40 @@ def spec_error(raw_spec: Mapping | None) -> tuple[OptimizedModelSpec | None, str
         return None, reason[:128], f"{path}: " + "; ".join(messages)[:1000]
 
 
+def _spec_uris(spec: OptimizedModelSpec) -> list[tuple[str, str]]:
+    """(field path, URI) of every URI a build or a server reads."""
+    opt = spec.optimization
+    uris = [("spec.model.uri", spec.model.uri)]
+    if spec.model.code:
+        uris.append(("spec.model.code.uri", spec.model.code.uri))
+    if opt.pruning and opt.pruning.distillation:
+        uris.append(("spec.optimization.pruning.distillation.datasetUri", opt.pruning.distillation.dataset_uri))
+    if opt.calibration:
+        uris.append(("spec.optimization.calibration.datasetUri", opt.calibration.dataset_uri))
+    if opt.accuracy_gate:
+        uris.append(("spec.optimization.accuracyGate.datasetUri", opt.accuracy_gate.dataset_uri))
+    return uris
+
+
+def cluster_error(spec: OptimizedModelSpec, settings: Settings) -> tuple[str, str]:
+    """("", "") when a cluster can build this spec, else (reason naming the field, message).
+
+    What `optimodel run` accepts but a cluster cannot: code found only beside a local
+    manifest, and file:// paths nothing mounts into the pods."""
+    if spec.model.format == "pytorch" and spec.model.code is None:
+        return ("InvalidSpecModelCode",
+                f"spec.model.code: format pytorch imports {spec.model.entrypoint} in the builder pod, which has "
+                "no code of the model; set spec.model.code.uri to its .py file or an archive in the store, "
+                "or export the model with torch.export and use format torch-export")
+    if not settings.allow_file_uris:
+        for path, uri in _spec_uris(spec):
+            if uri.startswith("file:"):
+                reason = "InvalidSpec" + "".join(_camel(p) for p in path.split(".")[1:])
+                return (reason[:128], f"{path}: {uri} is a path on one machine and nothing mounts it into the "
+                                      "builder or server pods; use pvc://<claim>/<path>, s3://, gs:// or http(s)://")
+    return "", ""
+
+
 # ---- the decision ----------------------------------------------------------------
 
 def target_keys(spec: OptimizedModelSpec, targets: Mapping[str, Target], settings: Settings) -> dict[str, str]:
@@ -211,6 +261,13 @@ def _result(pods: list[PodView]) -> BuildResult | None:
             except ValueError:
                 continue
     return None
+
+
+def _with_accuracy(engine: dict, result: BuildResult | None) -> dict:
+    """The engine's status with the gate's figures filled in when they arrived late (never dropped)."""
+    if engine.get("accuracy") or result is None or result.accuracy is None or result.cache_key != engine.get("cacheKey"):
+        return engine
+    return {**engine, "accuracy": result.accuracy.wire()}
 
 
 def _log_tail(pods: list[PodView]) -> str:
@@ -233,6 +290,9 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
     out = Decision()
 
     spec, bad_reason, bad_message = spec_error(raw_spec)
+    if spec is not None:
+        bad_reason, bad_message = cluster_error(spec, settings)
+        spec = None if bad_reason else spec
     if spec is None:
         # no Jobs, no rollout: whatever already serves keeps serving
         out.valid = False
@@ -262,7 +322,8 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
         common = dict(artifact_uri=uri, precision=spec.optimization.precision, job_name=jname if job else None)
 
         if same and old.get("state") == "Ready":
-            engines[arch] = old
+            # the pod's result may arrive after the engine turned Ready (published first)
+            engines[arch] = _with_accuracy(old, _result(pods))
         elif job is not None and job.state == "Succeeded":
             result = _result(pods)
             if published(uri):
@@ -290,7 +351,9 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
                 out.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
         elif published(uri):
             if job is not None:  # the builder publishes just before its Job reports success
+                result = _result(pods)
                 engines[arch] = _engine(target, "Ready", key, reason="Succeeded",
+                                        accuracy=result.accuracy if result else None,
                                         message=f"built by Job {jname}", **common)
                 out.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
             else:
@@ -369,13 +432,6 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
         elif dep is not None and dep.artifact_uri:
             serving_plan[arch] = (target, dep.artifact_uri, dep.cache_key)  # the previous engine keeps serving
 
-    for arch in list(engines):
-        # a copy: engines may hold the previous status' own dicts
-        eng = {k: v for k, v in engines[arch].items() if k != "servingCacheKey"}
-        if arch in serving_plan:
-            eng["servingCacheKey"] = serving_plan[arch][2]
-        engines[arch] = eng
-
     pending_rollout: set[str] = set()
     if serving_plan:
         cm = render.batching_configmap(model, batching)
@@ -393,6 +449,15 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
             pending_rollout.add(arch)
             if have is None or have.cache_key != key:
                 out.events.append(Event("Normal", "RollingOut", f"{arch}: serving engine {key}"))
+    for arch in list(engines):
+        # a copy: engines may hold the previous status' own dicts
+        eng = {k: v for k, v in engines[arch].items() if k != "servingCacheKey"}
+        if arch in serving_plan:
+            key = _serving_key(serving_plan[arch][2], observed.deployments.get(arch), arch in pending_rollout,
+                               prev.get(arch) or {})
+            if key:
+                eng["servingCacheKey"] = key
+        engines[arch] = eng
     for arch, have in observed.deployments.items():
         if arch not in targets and have.replicas != 0:
             out.actions.append(Scale(have.name, 0))
@@ -414,6 +479,13 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
             new_status["serving"]["maxWaitMs"] = batching.max_wait_ms
     out.status = new_status
     return out
+
+
+def _serving_key(planned: str, dep: DeploymentView | None, pending: bool, old: Mapping) -> str | None:
+    """The engine the pods run: the planned one once its rollout finished, until then the one before."""
+    if dep is not None and not pending and dep.cache_key == planned and dep.available:
+        return planned
+    return old.get("servingCacheKey")
 
 
 def _current_wait(batching_json: str | None) -> float | None:
@@ -465,6 +537,11 @@ def _serving_condition(plan: Mapping[str, tuple], observed: Observed, pending: s
         return cond.condition("Serving", False, "NoEngine", "no engine is built yet")
     if replicas == 0:
         return cond.condition("Serving", True, "ScaledToZero", "spec.serving.replicas is 0")
+    stuck = [(a, observed.deployments[a].stuck) for a in plan
+             if a not in pending and observed.deployments.get(a) and observed.deployments[a].stuck]
+    if stuck:
+        return cond.condition("Serving", False, "ProgressDeadlineExceeded",
+                              "; ".join(f"{a}: {message}" for a, message in stuck))
     waiting = [a for a in plan if a in pending or not (observed.deployments.get(a) and observed.deployments[a].available)]
     if waiting:
         return cond.condition("Serving", False, "RollingOut", f"waiting for Deployments of {', '.join(waiting)}")

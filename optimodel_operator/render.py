@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from optimodel.batching import BATCHING_FILE, BatchingConfig, dump_batching_config
-from optimodel.build import BuildRequest
+from optimodel.build import DETERMINISTIC_EXIT_CODES, BuildRequest
 from optimodel.spec import API_GROUP, API_VERSION, KIND, OptimizedModelSpec
 from optimodel.target import Target
 
@@ -116,6 +116,8 @@ def node_selector(target: Target) -> dict:
 
 def pvc_claims(spec: OptimizedModelSpec, store_uri: str) -> list[str]:
     uris = [store_uri, spec.model.uri]
+    if spec.model.code:
+        uris.append(spec.model.code.uri)
     opt = spec.optimization
     if opt.calibration:
         uris.append(opt.calibration.dataset_uri)
@@ -168,9 +170,28 @@ def build_request(model: ModelRef, spec: OptimizedModelSpec, target: Target, key
 
 
 def request_configmap(model: ModelRef, name: str, request: BuildRequest, target: Target) -> dict:
+    """The build request; owned by its Job once that exists (owned_by_job), so it goes with the Job."""
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": metadata(model, name, REQUEST, target.arch, **{L_KEY: request.cache_key}),
             "data": {"request.json": json.dumps(request.wire(), sort_keys=True)}}
+
+
+def owned_by_job(configmap: dict, job: dict) -> dict:
+    """The request ConfigMap owned by its Job: the Job's TTL or deletion removes it, not the model's."""
+    meta = job["metadata"]
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"],
+             "controller": True, "blockOwnerDeletion": True}
+    return {**configmap, "metadata": {**configmap["metadata"], "ownerReferences": [owner]}}
+
+
+def pod_failure_policy() -> dict:
+    """Fail the Job at once on the builder's exit codes for failures every retry repeats
+    (Kubernetes >= 1.31); evictions and preemptions do not count against backoffLimit."""
+    return {"rules": [
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": BUILDER, "operator": "In", "values": list(DETERMINISTIC_EXIT_CODES)}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
 
 
 def builder_job(model: ModelRef, spec: OptimizedModelSpec, target: Target, key: str, name: str,
@@ -202,6 +223,7 @@ def builder_job(model: ModelRef, spec: OptimizedModelSpec, target: Target, key: 
         "metadata": metadata(model, name, BUILDER, target.arch, annotations, **{L_KEY: key}),
         "spec": {
             "backoffLimit": settings.builder_backoff_limit,
+            "podFailurePolicy": pod_failure_policy(),
             "activeDeadlineSeconds": settings.builder_deadline_seconds,
             "ttlSecondsAfterFinished": settings.builder_ttl_seconds,
             "template": {"metadata": {"labels": pod_labels}, "spec": pod},

@@ -22,10 +22,17 @@
 | `OPTIMODEL_LIVENESS` | `http://0.0.0.0:8081/healthz` | kopf liveness endpoint (empty: none); read by `__main__` |
 | `OPTIMODEL_LOG_LEVEL` | `INFO` | log level; read by `__main__` |
 | `OPTIMODEL_PEERING_PRIORITY` | random per process | kopf peering priority; the highest acts, ties pause all; read by `__main__` |
+| `OPTIMODEL_ALLOW_FILE_URIS` | `false` | accept `file://` URIs (store and spec); see below |
 | `KUBECONFIG` | `~/.kube/config` | used when not in a cluster (in-cluster config otherwise) |
 
 A `pvc://` store must also be mounted into the operator pod at `$OPTIMODEL_PVC_ROOT/<claim>`
 because the operator checks for published manifests (cache hits) itself.
+
+`file://` URIs are refused in a cluster: nothing mounts such a path into the builder
+or server pods, so it works only where the operator, every builder and every server
+happen to see one filesystem at the same path. `OPTIMODEL_ALLOW_FILE_URIS=true` says
+that this holds (the operator tests, which play kubelet on the operator's machine);
+anything else should use `pvc://`, `s3://`, `gs://` or `http(s)://`.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class Settings:
     pvc_root: str = "/mnt/pvc"
     resync_seconds: float = 60.0
     workers: int = 8
+    allow_file_uris: bool = False
 
     def toolchain_for(self, target: Target) -> dict[str, str]:
         if self.toolchain is not None:
@@ -110,6 +118,14 @@ class Settings:
             check_uri(store)
         except ValueError as exc:
             raise SettingsError(f"OPTIMODEL_STORE_URI: {exc}") from None
+        flag = env.get("OPTIMODEL_ALLOW_FILE_URIS", "").strip().lower()
+        if flag not in ("", "true", "false"):
+            raise SettingsError(f"OPTIMODEL_ALLOW_FILE_URIS={flag!r} must be true or false")
+        allow_file = flag == "true"
+        if store.startswith("file:") and not allow_file:
+            raise SettingsError(f"OPTIMODEL_STORE_URI={store}: a file:// store is not mounted into builder or "
+                                "server pods; use pvc://<claim>/<path>, s3:// or gs:// (or set "
+                                "OPTIMODEL_ALLOW_FILE_URIS=true where every pod sees the same filesystem)")
         toolchain = blob("OPTIMODEL_BUILDER_TOOLCHAIN", None, dict)
         if toolchain is not None:
             toolchain = {str(k): str(v) for k, v in toolchain.items()}
@@ -131,4 +147,5 @@ class Settings:
             pvc_root=text("OPTIMODEL_PVC_ROOT", d.pvc_root),
             resync_seconds=number("OPTIMODEL_RESYNC_SECONDS", d.resync_seconds, float),
             workers=max(1, number("OPTIMODEL_WORKERS", d.workers)),
+            allow_file_uris=allow_file,
         )

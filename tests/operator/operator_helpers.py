@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, Callable
 import kopf
 
 from optimodel.artifact import EngineInfo, Manifest, publish
-from optimodel.build import BuildResult
+from optimodel.build import BuildResult, exit_code_for
 from optimodel.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 OM = f"{API_GROUP}/{API_VERSION}/{PLURAL}"
@@ -135,35 +136,136 @@ def publish_engine(tmp_path: Path, uri: str, key: str, arch: str, name: str = "d
     publish(work, manifest, uri)
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _true(type_: str, reason: str, message: str = "") -> dict:
+    now = _now()
+    return {"type": type_, "status": "True", "reason": reason, "message": message,
+            "lastProbeTime": now, "lastTransitionTime": now}
+
+
+async def start_job(kmock: Emulator, job: dict) -> None:
+    """Play the Job controller taking a new Job: startTime and one active pod."""
+    name = job["metadata"]["name"]
+    if "startTime" not in (kmock.get("batch/v1/jobs", NS, name) or {}).get("status", {}):
+        await kmock.patch_status("batch/v1/jobs", NS, name, {"startTime": _now(), "active": 1, "ready": 0})
+
+
+async def terminate_pod(kmock: Emulator, job: dict, message: str, exit_code: int, attempt: int = 1) -> dict:
+    """Play kubelet: the Job's pod ran and terminated with this termination message and exit code."""
+    labels = job["metadata"]["labels"]
+    now = _now()
+    pod = await kmock.put("v1/pods", {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{job['metadata']['name']}-{attempt}x", "namespace": NS,
+                     "labels": {**job["spec"]["template"]["metadata"]["labels"],
+                                "job-name": job["metadata"]["name"],
+                                "batch.kubernetes.io/job-name": job["metadata"]["name"]}},
+        "spec": job["spec"]["template"]["spec"],
+        "status": {"phase": "Running", "startTime": now, "containerStatuses": [{
+            "name": "builder", "ready": True, "restartCount": 0, "state": {"running": {"startedAt": now}}}]},
+    })
+    return await kmock.patch_status("v1/pods", NS, pod["metadata"]["name"], {
+        "phase": "Succeeded" if exit_code == 0 else "Failed",
+        "containerStatuses": [{"name": "builder", "ready": False, "restartCount": 0, "state": {"terminated": {
+            "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error", "message": message,
+            "startedAt": now, "finishedAt": _now()}}}]})
+
+
+async def complete_job(kmock: Emulator, job: dict) -> None:
+    """Play the Job controller after its pod succeeded: SuccessCriteriaMet first, then Complete."""
+    name = job["metadata"]["name"]
+    met = _true("SuccessCriteriaMet", "CompletionsReached", "Reached expected number of succeeded pods")
+    await kmock.patch_status("batch/v1/jobs", NS, name, {"active": None, "succeeded": 1, "conditions": [met]})
+    await kmock.patch_status("batch/v1/jobs", NS, name, {
+        "completionTime": _now(),
+        "conditions": [met, _true("Complete", "CompletionsReached", "Reached expected number of succeeded pods")]})
+
+
+def _fails_job(job: dict, exit_code: int) -> bool:
+    """Whether the Job's podFailurePolicy has a FailJob rule matching this exit code."""
+    for rule in (job["spec"].get("podFailurePolicy") or {}).get("rules", []):
+        codes = rule.get("onExitCodes")
+        if rule.get("action") != "FailJob" or not codes:
+            continue
+        if codes.get("containerName") not in (None, "builder"):
+            continue
+        matched = exit_code in codes["values"]
+        if matched == (codes["operator"] == "In"):
+            return True
+    return False
+
+
+async def fail_job(kmock: Emulator, job: dict, reason: str, message: str) -> None:
+    """Play the Job controller: FailureTarget first (pods still terminating), then Failed."""
+    name = job["metadata"]["name"]
+    target = _true("FailureTarget", reason, message)
+    await kmock.patch_status("batch/v1/jobs", NS, name, {"active": None, "conditions": [target]})
+    await kmock.patch_status("batch/v1/jobs", NS, name, {"conditions": [target, _true("Failed", reason, message)]})
+
+
 async def finish_job(kmock: Emulator, tmp_path: Path, job: dict, *, succeed: bool = True,
                      reason: str = "Succeeded", message: str = "", accuracy: dict | None = None,
-                     publish_artifact: bool = True) -> None:
-    """Play the Job controller and kubelet: a pod that terminated with the builder's result line."""
+                     publish_artifact: bool = True, exit_code: int | None = None) -> int:
+    """Play the Job controller and kubelet for a whole run: a pod that terminates with the builder's
+    result line before the Job's conditions follow; a failed pod is retried up to backoffLimit unless
+    the Job's podFailurePolicy fails the Job on its exit code. Returns the number of pods it ran."""
     labels = job["metadata"]["labels"]
     key, arch = labels["optimodel.io/cache-key"], labels["optimodel.io/arch"]
-    request = kmock.get("v1/configmaps", NS, job["metadata"]["name"])
+    # the operator creates the request after its Job (the Job owns it), as a pod waits for its mount
+    request = await eventually(lambda: kmock.get("v1/configmaps", NS, job["metadata"]["name"]),
+                               what="the build request ConfigMap")
     uri = json.loads(request["data"]["request.json"])["artifactUri"]
     if succeed and publish_artifact:
         publish_engine(tmp_path, uri, key, arch, labels["optimodel.io/model"])
     result = BuildResult(state="Succeeded" if succeed else "Failed", reason=reason, cache_key=key,
                          message=message, artifact_uri=uri if succeed else None, accuracy=accuracy)
-    pod_name = job["metadata"]["name"] + "-x1"
-    await kmock.put("v1/pods", {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod_name, "namespace": NS,
-                     "labels": {**job["spec"]["template"]["metadata"]["labels"], "job-name": job["metadata"]["name"]}},
-        "status": {"phase": "Succeeded" if succeed else "Failed", "containerStatuses": [{
-            "name": "builder", "state": {"terminated": {"exitCode": 0 if succeed else 1, "message": result.line()}}}]},
-    })
-    status = ({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]} if succeed else
-              {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]})
-    await kmock.patch_status("batch/v1/jobs", NS, job["metadata"]["name"], status)
+    if exit_code is None:
+        exit_code = 0 if succeed else exit_code_for(result.reason)
+    await start_job(kmock, job)
+    if succeed:
+        await terminate_pod(kmock, job, result.line(), 0)
+        await complete_job(kmock, job)
+        return 1
+    limit = job["spec"].get("backoffLimit", 6)
+    for attempt in range(1, limit + 2):
+        await terminate_pod(kmock, job, result.line(), exit_code, attempt)
+        await kmock.patch_status("batch/v1/jobs", NS, job["metadata"]["name"], {"failed": attempt})
+        if _fails_job(job, exit_code):
+            await fail_job(kmock, job, "PodFailurePolicy",
+                           f"Container builder for pod {NS}/{job['metadata']['name']}-{attempt}x failed with "
+                           f"exit code {exit_code} matching FailJob rule at index 0")
+            return attempt
+    await fail_job(kmock, job, "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+    return limit + 1
+
+
+def rollout_status(dep: dict, *, updated: int, available: int, old: int = 0, stuck: bool = False) -> dict:
+    """The Deployment controller's status: `updated` pods of the current template (`available` of
+    them ready), `old` pods of the previous one still running (available), as mid-surge."""
+    spec_replicas = dep["spec"]["replicas"]
+    total = updated + old
+    now = _now()
+    progressing = ({"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                    "message": f'ReplicaSet "{dep["metadata"]["name"]}-7d9c" has timed out progressing.'}
+                   if stuck else
+                   {"type": "Progressing", "status": "True",
+                    "reason": "NewReplicaSetAvailable" if updated == total == available == spec_replicas
+                    else "ReplicaSetUpdated", "message": "progressing"})
+    ready = available + old
+    return {"observedGeneration": dep["metadata"]["generation"], "replicas": total, "updatedReplicas": updated,
+            "readyReplicas": ready, "availableReplicas": ready, "unavailableReplicas": max(0, total - ready),
+            "conditions": [{"type": "Available", "status": "True" if ready >= spec_replicas - 1 else "False",
+                            "reason": "MinimumReplicasAvailable", "lastUpdateTime": now,
+                            "lastTransitionTime": now},
+                           {**progressing, "lastUpdateTime": now, "lastTransitionTime": now}]}
 
 
 async def make_available(kmock: Emulator, name: str = "digits") -> None:
-    """Play the Deployment controller: every Deployment of the model has all replicas available."""
+    """Play the Deployment controller: every Deployment of the model rolled out, all replicas available."""
     for dep in deployments(kmock, name).values():
         replicas = dep["spec"]["replicas"]
-        await kmock.patch_status("apps/v1/deployments", NS, dep["metadata"]["name"], {
-            "observedGeneration": dep["metadata"]["generation"], "replicas": replicas,
-            "updatedReplicas": replicas, "availableReplicas": replicas, "readyReplicas": replicas})
+        await kmock.patch_status("apps/v1/deployments", NS, dep["metadata"]["name"],
+                                 rollout_status(dep, updated=replicas, available=replicas))

@@ -16,7 +16,7 @@ from optimodel_operator.settings import Settings, SettingsError
 from kube_emulator import selector_matches
 from operator_helpers import A100, H100, L4, TOOLCHAIN, gpu_node, model
 
-SETTINGS = Settings(store_uri="file:///store", toolchain=TOOLCHAIN)
+SETTINGS = Settings(store_uri="file:///store", toolchain=TOOLCHAIN, allow_file_uris=True)
 REF = render.ModelRef(namespace="ml", name="digits", uid="uid-1")
 SM80 = Target(arch="sm80", product="NVIDIA-A100-SXM4-80GB")
 SM90 = Target(arch="sm90", product="NVIDIA-H100-80GB-HBM3")

@@ -166,9 +166,10 @@ def build_entrypoint(entrypoint: str, code_dir: str | None):
             factory = getattr(factory, part)
         module = factory()
     except ModuleNotFoundError as exc:
-        where = f"in {code_dir}" if code_dir else "(no spec.model.code given)"
+        where = f"in {code_dir}" if code_dir else "on the import path"
         raise BuildError(BuildReason.INVALID_MODEL,
-                         f"entrypoint {entrypoint}: module {exc.name!r} not found {where}: {_short(exc)}") from exc
+                         f"entrypoint {entrypoint}: no module {exc.name!r} {where}; spec.model.code delivers the "
+                         f"model's code (a .py file or an archive): {_short(exc)}") from exc
     except Exception as exc:
         raise BuildError(BuildReason.INVALID_MODEL, f"entrypoint {entrypoint} failed: {_short(exc)}") from exc
     if not isinstance(module, nn.Module):

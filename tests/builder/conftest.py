@@ -36,11 +36,11 @@ def make_request(digits_build, store):
     def make(*, uri: str | None = None, fmt: str = "onnx", entrypoint: str | None = None,
              inputs: list[TensorSpec] | None = None, optimization: dict | None = None,
              target: Target = CPU, max_batch_size: int = 4, sha256: str | None = None,
-             outputs: list[TensorSpec] | None = None) -> BuildRequest:
+             outputs: list[TensorSpec] | None = None, code: dict | None = None) -> BuildRequest:
         key = uuid.uuid4().hex[:16]
         source = ModelSource(uri=uri or f"file://{digits_build}/digits_cnn.onnx", format=fmt,
                              entrypoint=entrypoint, sha256=sha256, inputs=inputs or [DIGITS_INPUT],
-                             outputs=outputs)
+                             outputs=outputs, code=code)
         return BuildRequest(model_name="digits", source=source,
                             optimization=Optimization.model_validate(optimization or {}), target=target,
                             max_batch_size=max_batch_size, cache_key=key,

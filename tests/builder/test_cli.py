@@ -99,3 +99,12 @@ def test_missing_request_file_exits_2(tmp_path):
     proc = run_cli(tmp_path / "absent.json")
     assert proc.returncode == 2
     assert "absent.json" in proc.stderr
+
+
+def test_a_failure_every_retry_repeats_exits_3(make_request, tmp_path, digits_build):
+    # the builder Job's podFailurePolicy fails the Job on 3 instead of retrying it
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes((digits_build / "digits_cnn.onnx").read_bytes()[:300])
+    proc = run_cli(write_request(tmp_path / "request.json", make_request(uri=f"file://{corrupt}")))
+    assert proc.returncode == 3
+    assert last_result(proc).reason == "InvalidModel"

@@ -10,7 +10,7 @@ import pytest
 
 from optimodel import storage
 from optimodel.batching import BatchingConfig, load_batching_config, write_batching_config
-from optimodel.build import BuildReason, BuildResult
+from optimodel.build import DETERMINISTIC_EXIT_CODES, BuildReason, BuildResult, exit_code_for
 from optimodel.cache_key import cache_key, canonical_options, model_digest, toolchain_versions
 from optimodel.spec import ModelSource, Optimization
 from optimodel.target import CPU, Target
@@ -34,6 +34,23 @@ def test_cache_key_is_stable_and_sensitive():
     assert key(tools={**TOOLS, "tensorrt": "11.0"}) != base
     pinned = SOURCE.model_copy(update={"sha256": "a" * 64})
     assert key(source=pinned) != base
+
+
+def test_model_code_changes_the_key():
+    source = SOURCE.model_copy(update={"format": "pytorch", "entrypoint": "m:f"})
+    with_code = ModelSource.model_validate({**source.wire(), "code": {"uri": "s3://b/m.py"}})
+    other = ModelSource.model_validate({**source.wire(), "code": {"uri": "s3://b/m.py", "sha256": "b" * 64}})
+    assert len({key(source=source), key(source=with_code), key(source=other)}) == 3
+
+
+def test_builder_exit_codes_tell_repeatable_failures():
+    assert exit_code_for(BuildReason.SUCCEEDED) == exit_code_for(BuildReason.CACHE_HIT) == 0
+    assert exit_code_for(BuildReason.INVALID_REQUEST) == 2
+    for reason in (BuildReason.INVALID_MODEL, BuildReason.ACCURACY_GATE_FAILED, BuildReason.CHECKSUM_MISMATCH):
+        assert exit_code_for(reason) == 3 and 3 in DETERMINISTIC_EXIT_CODES
+    for reason in (BuildReason.FETCH_FAILED, BuildReason.PUBLISH_FAILED, BuildReason.BUILD_FAILED,
+                   BuildReason.UNAUTHORIZED, BuildReason.NO_GPU):
+        assert exit_code_for(reason) == 1 and 1 not in DETERMINISTIC_EXIT_CODES
 
 
 def test_toolchain_dict_order_does_not_matter():

@@ -96,6 +96,16 @@ def test_pytorch_needs_entrypoint():
     assert "entrypoint" in errs["spec.model"]
 
 
+def test_model_code_only_for_pytorch_and_with_a_code_suffix():
+    code = {"uri": "s3://b/code/digits_cnn.py"}
+    ok = with_spec(model__format="pytorch", model__entrypoint="digits_cnn:build_model", model__code=code)
+    assert parse_manifest(ok, "t.yaml").spec.model.code.uri == code["uri"]
+    assert "code is only allowed with format 'pytorch'" in errors_of(with_spec(model__code=code))["spec.model"]
+    errs = errors_of(with_spec(model__format="pytorch", model__entrypoint="m:f",
+                               model__code={"uri": "s3://b/code/weights.bin"}))
+    assert ".tar.gz" in errs["spec.model.code.uri"]
+
+
 def test_pruning_on_onnx_is_rejected():
     errs = errors_of(with_spec(optimization={"pruning": {"ratio": 0.5}}))
     assert "pruning" in errs["spec"]

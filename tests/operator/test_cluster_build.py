@@ -89,8 +89,9 @@ async def test_cluster_example_builds_with_its_code_and_reports_accuracy(kmock, 
         assert eng["state"] == "Ready"
         accuracy = eng["accuracy"]
         assert accuracy["metric"] == "top1" and accuracy["original"] > 0.9
-        assert accuracy["original"] - accuracy["optimized"] == pytest.approx(accuracy["drop"], abs=1e-6)
-        assert accuracy["drop"] <= 0.005
+        assert accuracy["optimized"] > 0.9
+        assert accuracy["drop"] == pytest.approx(max(0.0, accuracy["original"] - accuracy["optimized"]), abs=1e-6)
+        assert accuracy["drop"] <= 0.005  # the example's maxDrop
         assert condition(kmock, "AccuracyGatePassed", name)["status"] == "True"
 
         await eventually(lambda: deployments(kmock, name), what="the cpu Deployment")

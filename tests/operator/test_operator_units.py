@@ -295,3 +295,92 @@ def test_label_selectors():
     labels = {"a": "1", "b": "2"}
     assert selector_matches("a=1,b", labels) and selector_matches("a in (1,3),!c", labels)
     assert not selector_matches("a!=1", labels) and not selector_matches("b notin (2)", labels)
+
+
+# ---- issue 13: statuses as a cluster writes them ------------------------------------------------
+
+def _deployment(replicas=1, generation=2, **status):
+    return {"metadata": {"name": "digits-sm80", "generation": generation, "labels": {render.L_ARCH: "sm80"}},
+            "spec": {"replicas": replicas}, "status": {"observedGeneration": generation, **status}}
+
+
+@pytest.mark.parametrize("status, rolled_out", [
+    # mid-surge: the one available pod is the old one
+    ({"replicas": 2, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1}, False),
+    ({"replicas": 1, "updatedReplicas": 1, "readyReplicas": 0, "availableReplicas": 0}, False),
+    ({"replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1}, True),
+])
+def test_deployment_rolled_out_by_the_kubectl_rule(status, rolled_out):
+    assert DeploymentView.from_deployment(_deployment(**status)).available is rolled_out
+    stale = _deployment(**status)
+    stale["metadata"]["generation"] = 3  # the controller has not seen the latest spec
+    assert not DeploymentView.from_deployment(stale).available
+
+
+def test_progress_deadline_exceeded_is_read_with_its_message():
+    dep = _deployment(replicas=1, updatedReplicas=1, conditions=[
+        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+         "message": 'ReplicaSet "digits-sm80-1" has timed out progressing.'}])
+    assert DeploymentView.from_deployment(dep).stuck == 'ReplicaSet "digits-sm80-1" has timed out progressing.'
+
+
+@pytest.mark.parametrize("conditions, state", [
+    ([{"type": "SuccessCriteriaMet", "status": "True"}], "Succeeded"),
+    ([{"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy"}], "Failed"),
+    ([{"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy"},
+      {"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}], "Failed"),
+])
+def test_job_outcome_is_decided_by_the_interim_conditions(conditions, state):
+    job = {"metadata": {"name": "j", "labels": {}}, "status": {"conditions": conditions}}
+    assert JobView.from_job(job).state == state
+
+
+def test_builder_job_fails_at_once_on_deterministic_exit_codes():
+    spec = reconcile.OptimizedModelSpec.model_validate(model()["spec"])
+    job = render.builder_job(REF, spec, SM80, "k" * 32, "digits-build", SETTINGS)
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "builder", "operator": "In",
+                                                            "values": [2, 3]}}
+    assert rules[1]["action"] == "Ignore"
+
+
+def test_accuracy_is_read_when_the_artifact_shows_before_the_job_completes():
+    d = run(model(optimization={"precision": "fp16", "accuracyGate": {"datasetUri": "file:///g.npz"}})["spec"])
+    job = of(d, CreateJob)[0]
+    line = json.dumps({"state": "Succeeded", "reason": "Succeeded", "cacheKey": job.cache_key,
+                       "accuracy": {"metric": "top1-agreement", "original": 1.0, "optimized": 0.998,
+                                    "drop": 0.002}})
+    observed = Observed(jobs={job.name: JobView(job.name, "sm80", job.cache_key, "Active")},
+                        pods={job.name: [PodView("p", job.name, terminated_message=line, exit_code=0)]})
+    ready = run(model(optimization={"precision": "fp16", "accuracyGate": {"datasetUri": "file:///g.npz"}})["spec"],
+                status=d.status, observed=observed, published=[job.cache_key])
+    eng = ready.status["engines"][0]
+    assert eng["state"] == "Ready" and eng["accuracy"]["optimized"] == 0.998
+
+
+def test_cluster_refuses_code_beside_a_manifest_and_file_uris():
+    spec = model()["spec"]
+    spec["model"].update(uri="s3://b/digits.pt", format="pytorch", entrypoint="digits_cnn:build_model")
+    d = run(spec)
+    assert not d.valid and not d.actions
+    ready = cond.get(d.status["conditions"], "Ready")
+    assert ready["reason"] == "InvalidSpecModelCode" and ready["message"].startswith("spec.model.code:")
+
+    strict = Settings(store_uri="s3://b/engines", toolchain=TOOLCHAIN)
+    gated = model(optimization={"precision": "int8", "calibration": {"datasetUri": "s3://b/c.npz"},
+                                "accuracyGate": {"datasetUri": "file:///g.npz"}})["spec"]
+    gated["model"]["uri"] = "s3://b/digits.onnx"
+    d = decide(model=REF, raw_spec=gated, generation=1, status=None, fleet={"sm80": SM80}, observed=Observed(),
+               settings=strict, published=lambda uri: False, secret_exists=lambda name: True, now=NOW)
+    ready = cond.get(d.status["conditions"], "Ready")
+    assert ready["reason"] == "InvalidSpecOptimizationAccuracyGateDatasetUri" and not d.actions
+    assert ready["message"].startswith("spec.optimization.accuracyGate.datasetUri: file:///g.npz")
+
+
+def test_file_store_is_refused_unless_every_pod_sees_the_operators_files():
+    with pytest.raises(SettingsError, match="OPTIMODEL_STORE_URI=file:///store.*pvc://"):
+        Settings.from_env({"OPTIMODEL_STORE_URI": "file:///store"})
+    allowed = Settings.from_env({"OPTIMODEL_STORE_URI": "file:///store", "OPTIMODEL_ALLOW_FILE_URIS": "true"})
+    assert allowed.allow_file_uris and allowed.store_uri == "file:///store"
+    with pytest.raises(SettingsError, match="OPTIMODEL_ALLOW_FILE_URIS"):
+        Settings.from_env({"OPTIMODEL_ALLOW_FILE_URIS": "yes"})

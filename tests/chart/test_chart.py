@@ -351,6 +351,7 @@ def test_no_store_at_all_fails_with_a_message(chart):
         ({"operator": {"replicas": "two"}}, "got string, want integer"),
         ({"operator": {"replicas": 2}}, "maximum"),
         ({"store": {"uri": "ftp://host/models"}}, "does not match pattern"),
+        ({"store": {"uri": "file:///srv/engines"}}, "does not match pattern"),  # no pod would see it
         ({"watchNamespaces": "team-a"}, "want array"),
         ({"podMonitor": {"enabled": "yes"}}, "want boolean"),
         ({"image": {"operator": {"repository": "x", "pullPolicy": "Sometimes"}}}, "pullPolicy"),

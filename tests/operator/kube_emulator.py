@@ -11,7 +11,9 @@ PATCH as a plain dict merge. This subclass adds what the operator and kopf rely 
   fields it names — enough for objects a single manager owns);
   a `metadata.resourceVersion` in a merge patch is a precondition (409 on mismatch);
 - the status subresource: PATCH …/status changes only status, a PATCH of the main
-  resource never does (except for kinds without a status subresource);
+  resource never does (except for kinds without a status subresource); a Job status
+  is validated as the API server does (a finished Job needs startTime, Complete needs
+  completionTime and SuccessCriteriaMet, Failed needs FailureTarget: 422 otherwise);
 - list and watch with `labelSelector` (=, ==, !=, exists, !exists, in, notin);
 - deletion: with finalizers a deletionTimestamp, without them removal, and then
   the garbage collector: objects whose ownerReferences point at a removed uid go too;
@@ -77,6 +79,30 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
+
+
+def validate_job_status(status: dict) -> None:
+    """The rules a Kubernetes >= 1.31 API server applies to a Job status update (422 otherwise)."""
+    true = {c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"}
+    problems = []
+    if "Complete" in true:
+        if not status.get("completionTime"):
+            problems.append("status.completionTime: Required value: when the Complete condition is True")
+        if "SuccessCriteriaMet" not in true:
+            problems.append("status.conditions: Invalid value: cannot set Complete=True condition without "
+                            "the SuccessCriteriaMet=True condition")
+    elif status.get("completionTime"):
+        problems.append("status.completionTime: Invalid value: can only be set when the Job is Complete")
+    if "Failed" in true and "FailureTarget" not in true:
+        problems.append("status.conditions: Invalid value: cannot set Failed=True condition without "
+                        "the FailureTarget=True condition")
+    if true & {"Complete", "Failed"}:
+        if not status.get("startTime"):
+            problems.append("status.startTime: Required value: startTime is required for finished Jobs")
+        if status.get("active"):
+            problems.append("status.active: Invalid value: must be 0 for a finished Job")
+    if problems:
+        raise ApiError(422, "Invalid", "Job.batch is invalid: " + "; ".join(problems))
 
 
 _REQ = re.compile(r"^\s*([\w./-]+)\s*(in|notin)\s*\(([^)]*)\)\s*$")
@@ -313,6 +339,8 @@ class Emulator(kmock.KubernetesEmulator):
             new = {**current, "status": new.get("status")}
             if new["status"] is None:
                 new.pop("status")
+            if resource.plural == "jobs":
+                validate_job_status(new.get("status") or {})
         elif has_status:
             new = {k: v for k, v in new.items() if k != "status"}
             if "status" in current:

@@ -84,7 +84,7 @@ async def test_cluster_example_builds_with_its_code_and_reports_accuracy(kmock, 
         await terminate_pod(kmock, job, message, exit_code)
         await complete_job(kmock, job)
 
-        eng = await eventually(lambda: engine(kmock, "cpu", name).get("accuracy") and engine(kmock, "cpu", name),
+        eng = await eventually(lambda: (engine(kmock, "cpu", name) or {}).get("accuracy") and engine(kmock, "cpu", name),
                                timeout=20, what="the cpu engine with its accuracy")
         assert eng["state"] == "Ready"
         accuracy = eng["accuracy"]

@@ -95,7 +95,7 @@ async def test_accuracy_arrives_after_the_engine_is_ready_and_is_kept(kmock, ope
     await eventually(lambda: engine(kmock, "sm80")["state"] == "Ready", what="Ready from the published artifact")
     result = BuildResult(state="Succeeded", reason="Succeeded", cache_key=key, artifact_uri=uri, accuracy=ACCURACY)
     await terminate_pod(kmock, job, result.line(), 0)
-    eng = await eventually(lambda: engine(kmock, "sm80").get("accuracy") and engine(kmock, "sm80"),
+    eng = await eventually(lambda: (engine(kmock, "sm80") or {}).get("accuracy") and engine(kmock, "sm80"),
                            what="accuracy read from the pod's termination message")
     assert eng["accuracy"] == ACCURACY
 
@@ -110,7 +110,7 @@ async def test_accuracy_from_a_pod_that_terminated_before_its_job_completed(kmoc
     await kmock.put(OM, model(optimization=GATED))
     job = (await eventually(lambda: jobs(kmock), what="a Job"))[0]
     await finish_job(kmock, tmp_path, job, accuracy=ACCURACY)
-    eng = await eventually(lambda: engine(kmock, "sm80").get("accuracy") and engine(kmock, "sm80"),
+    eng = await eventually(lambda: (engine(kmock, "sm80") or {}).get("accuracy") and engine(kmock, "sm80"),
                            what="accuracy in status")
     assert eng["accuracy"] == ACCURACY and eng["state"] == "Ready"
     finished = kmock.get("batch/v1/jobs", NS, job["metadata"]["name"])["status"]

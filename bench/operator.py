@@ -73,7 +73,8 @@ async def main(models: int, rollout: bool) -> dict:
             "users": [{"name": "emu", "user": {"token": "bench"}}]}))
         env = {**os.environ, "KUBECONFIG": str(tmp / "kubeconfig"), "OPTIMODEL_STORE_URI": f"file://{tmp / 'store'}",
                "OPTIMODEL_BUILDER_TOOLCHAIN": json.dumps(TOOLCHAIN), "OPTIMODEL_PEERING": "",
-               "OPTIMODEL_LIVENESS": "", "OPTIMODEL_LOG_LEVEL": "WARNING"}
+               "OPTIMODEL_LIVENESS": "", "OPTIMODEL_LOG_LEVEL": "WARNING",
+               "OPTIMODEL_ALLOW_FILE_URIS": "true"}  # the bench plays kubelet beside the operator
         env.pop("KUBERNETES_SERVICE_HOST", None)
         log = open(tmp / "operator.log", "w")
         proc = subprocess.Popen([sys.executable, "-m", "optimodel_operator"], env=env, cwd=ROOT,

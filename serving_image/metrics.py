@@ -21,16 +21,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 def latency_buckets() -> list[float]:
     """0.5 ms .. 10 s. The tuner reads p99 as the interval between two bounds, so the steps stay
-    within ~7 % of the value from 20 ms to 1 s, and the SLOs people set (10, 20, 25, 30, 40, 50,
+    within 7.5 % of the value from 20 ms to 1 s, and the SLOs people set (10, 20, 25, 30, 40, 50,
     60, 75, 80, 100, 120, 150, 200, 250, 300, 500, 1000 ms) are bounds, making the share of
-    requests within the SLO exact. 105 buckets."""
+    requests within the SLO exact. 116 buckets."""
     ms = [0.5]
     ms += [float(x) for x in range(1, 31)]            # 1 ms steps to 30 ms
-    ms += [float(x) for x in range(32, 61, 2)]        # 2 ms steps to 60 ms
-    ms += [float(x) for x in range(65, 151, 5)]       # 5 ms steps to 150 ms
-    ms += [float(x) for x in range(160, 301, 10)]     # 10 ms steps to 300 ms
-    ms += [float(x) for x in range(325, 601, 25)]
-    ms += [float(x) for x in range(650, 1001, 50)]
+    ms += [float(x) for x in range(32, 71, 2)]        # 2 ms steps to 70 ms
+    ms += [float(x) for x in range(75, 151, 5)]       # 5 ms steps to 150 ms
+    ms += [float(x) for x in range(160, 401, 10)]     # 10 ms steps to 400 ms
+    ms += [float(x) for x in range(425, 701, 25)]
+    ms += [float(x) for x in range(750, 1001, 50)]
     ms += [1500.0, 2000.0, 3000.0, 5000.0, 7500.0, 10000.0]
     return [m / 1000.0 for m in ms]
 

@@ -148,4 +148,4 @@ def test_common_slos_are_bucket_bounds_and_resolution_is_fine_around_them():
         assert any(abs(b - slo) < 1e-6 for b in BUCKETS_MS), slo
     for lo, hi in zip(BUCKETS_MS, BUCKETS_MS[1:]):
         if 20 <= lo < 1000:
-            assert (hi - lo) / lo <= 0.07, (lo, hi)
+            assert (hi - lo) / lo <= 0.075, (lo, hi)

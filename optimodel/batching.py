@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Annotated
+
 from pydantic import Field
 
 from optimodel.spec import ApiModel
@@ -20,6 +22,13 @@ class BatchingConfig(ApiModel):
     max_wait_ms: float = Field(ge=0, le=10_000)
     max_batch_size: int = Field(ge=1, le=4096)
     max_queue: int = Field(default=1024, ge=1)
+    # the tuner's window per architecture (each serves its own engine); absent: maxWaitMs
+    max_wait_ms_by_arch: dict[str, Annotated[float, Field(ge=0, le=10_000)]] = Field(default_factory=dict)
+
+    def for_arch(self, arch: str) -> "BatchingConfig":
+        """The config one architecture's pods run: its tuned window, without the per-arch table."""
+        wait = self.max_wait_ms_by_arch.get(arch, self.max_wait_ms)
+        return self.model_copy(update={"max_wait_ms": wait, "max_wait_ms_by_arch": {}})
 
 
 def load_batching_config(path: Path) -> BatchingConfig:
@@ -28,7 +37,10 @@ def load_batching_config(path: Path) -> BatchingConfig:
 
 
 def dump_batching_config(config: BatchingConfig) -> str:
-    return json.dumps(config.wire(), sort_keys=True)
+    data = config.wire()
+    if not data.get("maxWaitMsByArch"):
+        data.pop("maxWaitMsByArch", None)  # untuned configs keep their old, shorter form
+    return json.dumps(data, sort_keys=True)
 
 
 def write_batching_config(path: Path, config: BatchingConfig) -> None:

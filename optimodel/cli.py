@@ -89,15 +89,49 @@ def cmd_run(args: argparse.Namespace) -> int:
             local_run.wait_ready(proc, base)
             out.print(f"Serving {model.metadata.name} at {base}/v2/models/{model.metadata.name}/infer", soft_wrap=True)
             sys.stdout.flush()
-            if args.on_ready:
-                return args.on_ready(model, base)
-            _wait_for_signal(proc)
+            tuner = _start_tuner(args, model, build, store, base)
+            try:
+                if args.on_ready:
+                    return args.on_ready(model, base)
+                _wait_for_signal(proc)
+            finally:
+                if tuner is not None:
+                    tuner[1].set()
+                    tuner[0].join(timeout=10)
         finally:
             local_run.stop_server(proc)
     except local_run.LocalRunError as exc:
         console.print(f"[red]error[/]: {exc}", markup=True)
         return exc.exit_code
     return 0
+
+
+def _start_tuner(args: argparse.Namespace, model, build, store: Path, base: str):
+    """With autotune on, tune the window live (thread, event) from /metrics or --prometheus."""
+    auto = model.spec.serving.batching.autotune
+    if not auto.enabled:
+        if getattr(args, "prometheus", None):
+            console.print("note: --prometheus is ignored: serving.batching.autotune.enabled is false")
+        return None
+    from optimodel.tuning import local as tuning
+    from optimodel.tuning.model import EngineProfile
+    from optimodel.tuning.policy import Bounds
+
+    interval = float(getattr(args, "tune_interval", None) or auto.interval_seconds)
+    try:
+        profile = EngineProfile.from_file(build.artifact_dir / "report.json")
+    except (OSError, ValueError) as exc:
+        console.print(f"note: no latency profile ({exc}); the tuner holds the window", markup=False)
+        profile = None
+    prom = getattr(args, "prometheus", None)
+    source = tuning.make_source(base, model.metadata.name, model.metadata.namespace or "default", "cpu",
+                                auto.p99_latency_ms, interval, prom)
+    config_file = store / build.request.namespace / build.request.model_name / "batching.json"
+    tuner = tuning.LocalTuner(source, config_file, profile, Bounds.from_serving(model.spec.serving),
+                              echo=lambda line: (out.print(line, markup=False), sys.stdout.flush()))
+    console.print(f"tuning max_wait_ms every {interval:g}s to p99 ≤ {auto.p99_latency_ms:g} ms from "
+                  f"{prom or base + '/metrics'}", markup=False)
+    return tuner.start(interval)
 
 
 def _wait_for_signal(proc: subprocess.Popen) -> None:
@@ -150,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--build-only", action="store_true", help="build (or reuse) the engine and exit")
+    p.add_argument("--prometheus", metavar="URL",
+                   help="with autotune on, read observations from this Prometheus instead of the server's /metrics")
+    p.add_argument("--tune-interval", type=float, metavar="SECONDS",
+                   help="seconds between tuning decisions (default: the manifest's intervalSeconds)")
     p.set_defaults(func=cmd_run, on_ready=None)
 
     p = sub.add_parser("validate", help="check manifests offline; prints field-level errors")

@@ -56,6 +56,7 @@ class Controller:
         self.indexed = False
         self.seen_generation: dict[str, int | None] = {}
         self.reconciles = 0
+        self.tuned: dict[str, dict] = {}  # uid -> the Tuned condition the tuner wrote last (watch may lag)
 
     # ---- scheduling -------------------------------------------------------------------
     def trigger(self, namespace: str, name: str) -> None:
@@ -166,6 +167,11 @@ class Controller:
                     status[k] = written[k]
             others = [c for c in status.get("conditions") or [] if c.get("type") not in cond.OWNED]
             status["conditions"] = [c for c in written.get("conditions", []) if c.get("type") in cond.OWNED] + others
+        tuned = self.tuned.get(uid)
+        if tuned is not None:
+            status["conditions"] = [tuned if c.get("type") == "Tuned" else c for c in status.get("conditions") or []]
+            if not any(c.get("type") == "Tuned" for c in status["conditions"]):
+                status["conditions"].append(tuned)
         return status
 
     def is_published(self, uri: str) -> bool:

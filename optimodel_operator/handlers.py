@@ -18,6 +18,7 @@ from optimodel_operator.controller import Controller
 from optimodel_operator.kube import Kube
 from optimodel_operator.reconcile import DeploymentView, JobView, PodView
 from optimodel_operator.settings import Settings
+from optimodel_operator.tuner import Tuner
 
 log = logging.getLogger(__name__)
 OM = (API_GROUP, API_VERSION, PLURAL)
@@ -53,15 +54,16 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **kwar
     ctrl = Controller(cfg, kube, {name: kwargs[name] for name in INDEXES})
     memo.ctrl = ctrl
     memo.resync = asyncio.create_task(ctrl.resync_forever(), name="optimodel resync")
+    memo.tuner = asyncio.create_task(Tuner(ctrl).run_forever(), name="optimodel tuner")
     logger.info("optimodel operator: store %s, builder %s, serving %s, resync %ss",
                 cfg.store_uri, cfg.builder_image, cfg.serving_image, cfg.resync_seconds)
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_) -> None:
-    task = getattr(memo, "resync", None)
-    if task is not None:
-        task.cancel()
+    for task in (getattr(memo, "resync", None), getattr(memo, "tuner", None)):
+        if task is not None:
+            task.cancel()
     ctrl = getattr(memo, "ctrl", None)
     if ctrl is not None:
         ctrl.close()

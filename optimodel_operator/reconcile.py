@@ -422,7 +422,8 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
                              "message": f"no schedulable nodes with compute capability {arch}"}
 
     # ---- rollout -------------------------------------------------------------------
-    batching = render.batching_config(spec, _current_wait(observed.batching_json))
+    batching = render.batching_config(spec, _current_wait(observed.batching_json),
+                                      _current_by_arch(observed.batching_json))
     serving_plan: dict[str, tuple[Target, str, str]] = {}  # arch -> (target, artifact, key)
     for arch, target in targets.items():
         eng = engines[arch]
@@ -486,6 +487,15 @@ def _serving_key(planned: str, dep: DeploymentView | None, pending: bool, old: M
     if dep is not None and not pending and dep.cache_key == planned and dep.available:
         return planned
     return old.get("servingCacheKey")
+
+
+def _current_by_arch(batching_json: str | None) -> dict[str, float]:
+    """The tuner's per-architecture windows in the live ConfigMap (kept across re-renders)."""
+    try:
+        table = json.loads(batching_json or "{}").get("maxWaitMsByArch") or {}
+        return {str(a): float(w) for a, w in table.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
 
 
 def _current_wait(batching_json: str | None) -> float | None:

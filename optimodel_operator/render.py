@@ -231,14 +231,19 @@ def builder_job(model: ModelRef, spec: OptimizedModelSpec, target: Target, key: 
     }
 
 
-def batching_config(spec: OptimizedModelSpec, current_wait_ms: float | None = None) -> BatchingConfig:
-    """The spec's batching; with autotune on, the tuner's current window (clamped to the bounds) is kept."""
+def batching_config(spec: OptimizedModelSpec, current_wait_ms: float | None = None,
+                    current_by_arch: dict[str, float] | None = None) -> BatchingConfig:
+    """The spec's batching; with autotune on, the tuner's current windows (clamped to the bounds) are kept."""
     batching = spec.serving.batching
-    wait = batching.max_wait_ms
-    if batching.autotune.enabled and current_wait_ms is not None:
-        wait = min(max(current_wait_ms, batching.autotune.min_wait_ms), batching.autotune.max_wait_ms)
+    auto = batching.autotune
+    wait, by_arch = batching.max_wait_ms, {}
+    if auto.enabled:
+        clamp = lambda w: min(max(w, auto.min_wait_ms), auto.max_wait_ms)
+        if current_wait_ms is not None:
+            wait = clamp(current_wait_ms)
+        by_arch = {arch: clamp(w) for arch, w in (current_by_arch or {}).items()}
     return BatchingConfig(max_wait_ms=wait, max_batch_size=spec.serving.max_batch_size,
-                          max_queue=spec.serving.max_queue)
+                          max_queue=spec.serving.max_queue, max_wait_ms_by_arch=by_arch)
 
 
 def batching_configmap(model: ModelRef, config: BatchingConfig) -> dict:

@@ -53,10 +53,12 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
                on_warmup_failed: Callable[[str], None] | None = None) -> "InferFastPath":
     name = model_name or manifest.model_name
     metrics = ServerMetrics(name, manifest.arch)
-    batcher = Batcher(backend.run, config, engine_max_batch=backend.max_batch_size, metrics=metrics)
+    # each architecture serves its own engine, so the tuner gives each its own window
+    arch = manifest.arch
+    batcher = Batcher(backend.run, config.for_arch(arch), engine_max_batch=backend.max_batch_size, metrics=metrics)
     model_io = protocol.ModelIO(name, manifest.inputs, manifest.outputs, allow_non_finite=allow_non_finite)
     state = ServerState()
-    watcher = ConfigWatcher(config_path, batcher.update_config, current=config,
+    watcher = ConfigWatcher(config_path, lambda c: batcher.update_config(c.for_arch(arch)), current=config,
                             interval=watch_interval) if config_path else None
 
     async def warm() -> None:

@@ -386,6 +386,8 @@ def test_pod_monitor_scrapes_serving_pods(chart):
     assert spec["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
     [endpoint] = spec["podMetricsEndpoints"]
     assert endpoint["port"] == "http" and endpoint["path"] == "/metrics" and endpoint["interval"] == "30s"
+    # the tuner's PromQL selects by namespace (from the pod), model and arch (the server's labels)
+    assert {"sourceLabels": ["__meta_kubernetes_namespace"], "targetLabel": "namespace"} in endpoint["relabelings"]
     assert set(spec) == {"selector", "namespaceSelector", "podMetricsEndpoints"}
 
 

@@ -1,0 +1,105 @@
+"""A real Prometheus scraping a real server under open-loop load: the PromQL, and `optimodel run --prometheus`."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from optimodel.batching import load_batching_config
+from optimodel.tuning.observation import ObservationError
+from optimodel.tuning.prometheus import PrometheusSource, Selector
+from tests.tuning.loadgen import OpenLoop, infer_body
+from tests.tuning.prometheus_server import Prometheus, free_port
+from tests.tuning.test_local_tuning import LINE, ROOT, tuned_manifest, upper  # noqa: F401 (fixture)
+
+
+@pytest.mark.slow
+def test_run_tunes_from_a_real_prometheus(tuned_manifest, tmp_path):
+    port = free_port()
+    prom = Prometheus(tmp_path / "prom", [f"127.0.0.1:{port}"], namespace="default").start()
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "optimodel", "run", str(tuned_manifest), "--store", str(store),
+                             "--port", str(port), "--tune-interval", "3", "--prometheus", prom.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("Serving "):
+                ready.set()
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(240), "no endpoint"
+        prom.wait_for_series('optimodel_request_latency_seconds_count{namespace="default",model="digits-cnn"}')
+        image = np.load(tmp_path / "build" / "digits_test.npz")["image"][:1]
+        url = f"http://127.0.0.1:{port}/v2/models/digits-cnn/infer"
+        source = PrometheusSource(prom.url)
+        with OpenLoop(url, infer_body("image", image), rate=200):
+            time.sleep(5)
+            # the PromQL itself, against what Prometheus scraped
+            obs = source.observe(Selector("default", "digits-cnn", "cpu"), 4, 25.0)
+            assert obs.samples > 200 and 100 < obs.arrival_rps < 300, obs
+            assert obs.p99_ms is not None and obs.p99_ms.lo < obs.p99_ms.hi and obs.mean_batch >= 1
+            assert obs.engine_ms > 0 and obs.window_ms is not None and obs.queue_p99_ms is not None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                decisions = [m for m in map(LINE.search, lines) if m]
+                if any(m["arrow"] == "→" for m in decisions) and decisions[-1]["reason"] == "Converged":
+                    break
+                time.sleep(0.5)
+        with pytest.raises(ObservationError) as missing:
+            source.observe(Selector("default", "no-such-model", "cpu"), 4, 25.0)
+        assert missing.value.reason == "MetricsMissing"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        prom.stop()
+    decisions = [m for m in map(LINE.search, lines) if m]
+    assert decisions, "\n".join(lines)
+    moves = [m for m in decisions if m["arrow"] == "→"]
+    assert moves and float(moves[0]["old"]) == 40.0 and float(moves[0]["new"]) < 40.0, "\n".join(lines)
+    assert decisions[-1]["reason"] == "Converged" and upper(decisions[-1]["p99"]) <= 25, "\n".join(lines)
+    assert load_batching_config(store / "default" / "digits-cnn" / "batching.json").max_wait_ms == \
+        float(decisions[-1]["new"])
+
+
+def test_prometheus_unreachable_and_garbage_are_reasons_not_crashes(tmp_path):
+    with pytest.raises(ObservationError) as down:
+        PrometheusSource(f"http://127.0.0.1:{free_port()}").observe(Selector("a", "b", "c"), 10, 50)
+    assert down.value.reason == "PrometheusUnavailable" and "unreachable" in str(down.value)
+    with pytest.raises(ObservationError) as unset:
+        PrometheusSource("")
+    assert unset.value.reason == "PrometheusNotConfigured" and "OPTIMODEL_PROMETHEUS_URL" in str(unset.value)
+
+
+def test_prometheus_answering_garbage(tmp_path):
+    import http.server
+
+    class Garbage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html>not prometheus</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ObservationError) as bad:
+            PrometheusSource(f"http://127.0.0.1:{server.server_port}").observe(Selector("a", "b", "c"), 10, 50)
+        assert bad.value.reason == "PrometheusUnavailable" and "not JSON" in str(bad.value)
+    finally:
+        server.shutdown()

@@ -35,7 +35,7 @@ BAD_JSON = [
     (_req({**GOOD, "shape": [1, 1, 8, 9], "data": [0.5] * 72}), "dimension 3 must be 8"),
     (_req({**GOOD, "data": [0.5] * 63}), "data has 63 elements, shape [1, 1, 8, 8] needs 64"),
     (_req({**GOOD, "shape": [33, 1, 8, 8], "data": [0.5] * 64 * 33}), "batch size 33 exceeds maxBatchSize 32"),
-    (_req({**GOOD, "data": ["a"] * 64}), "cannot be read as FP32"),
+    (_req({**GOOD, "data": ["a"] * 64}), "FP32 data must hold numbers only"),
     (_req({**GOOD, "data": [[0.5] * 3, [0.5] * 61]}), "ragged"),
     (_req(GOOD, GOOD), "input 'image' is given twice"),
     (_req({k: v for k, v in GOOD.items() if k != "data"}), "neither 'data' nor binary_data_size"),

@@ -229,6 +229,12 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _deadline_args(spec: OptimizedModelSpec) -> list[str]:
+    """The p99 SLO, when set, is the server's admission deadline: later answers help nobody."""
+    slo = spec.serving.batching.autotune.p99_latency_ms
+    return ["--deadline-ms", f"{slo:g}"] if slo else []
+
+
 def deployment(model: ModelRef, spec: OptimizedModelSpec, target: Target, artifact_uri: str, key: str,
                settings: Settings, replicas: int | None = None) -> dict:
     env, env_from = _env(spec, settings)
@@ -248,7 +254,7 @@ def deployment(model: ModelRef, spec: OptimizedModelSpec, target: Target, artifa
                     "--config", f"{BATCHING_DIR}/{BATCHING_FILE}", "--host", "0.0.0.0",
                     "--port", str(PORT), "--model-name", model.name,
                     # keep accepting while endpoint removal reaches every kube-proxy, then drain
-                    "--drain-seconds", "5"],
+                    "--drain-seconds", "5", *_deadline_args(spec)],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "readinessProbe": probe("/v2/health/ready", 2),
         "livenessProbe": probe("/v2/health/live", 10),

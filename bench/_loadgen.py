@@ -48,6 +48,7 @@ class Result:
     error_kinds: dict = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     duration_s: float = 0.0
+    send_s: float = 0.0  # how long sending took: past duration_s, the client could not keep the rate
 
     @property
     def throughput(self) -> float:
@@ -159,6 +160,7 @@ async def open_loop(client: Client, requests: list[bytes], rate: float, duration
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.ensure_future(one(intended, requests[i % len(requests)])))
+    result.send_s = time.perf_counter() - start
     _, pending = await asyncio.wait(tasks, timeout=grace_s) if tasks else (set(), set())
     for p in pending:
         p.cancel()

@@ -21,7 +21,7 @@ from optimodel.spec import TensorSpec
 log = logging.getLogger("serving_image")
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-       "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+       "int8": np.int8, "uint8": np.uint8, "bool": np.bool_, "string": np.object_}
 
 
 class Backend(Protocol):
@@ -95,8 +95,11 @@ def dummy_inputs(specs: Sequence[TensorSpec], batch: int) -> dict[str, np.ndarra
     for t in specs:
         shape = [batch] + [d if d > 0 else 1 for d in t.shape[1:]]
         dtype = _NP[t.dtype]
-        # ones rather than zeros: a mask of zeros can take degenerate paths (division by 0 in pooling)
-        feeds[t.name] = np.ones(shape, dtype=dtype)
+        if t.dtype == "string":
+            feeds[t.name] = np.full(shape, "warm-up", dtype=object)
+        else:
+            # ones rather than zeros: a mask of zeros can take degenerate paths (division by 0 in pooling)
+            feeds[t.name] = np.ones(shape, dtype=dtype)
     return feeds
 
 

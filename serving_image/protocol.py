@@ -8,6 +8,11 @@ it could fail its neighbours.
 Binary tensor data extension (what tritonclient[http] sends with binary_data=True):
 the body is a JSON header of `Inference-Header-Content-Length` bytes followed by the
 raw tensors, in input order, each `parameters.binary_data_size` bytes long.
+
+BYTES tensors (a manifest dtype "string") are JSON strings in the JSON form and, in the
+binary form, each element as a 4-byte little-endian length then its bytes (Triton's
+layout). Inside the server they are numpy object arrays of str (what ONNX Runtime's
+tensor(string) takes), so elements must be UTF-8.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ V2_DATATYPE = {
     "int8": "INT8",
     "uint8": "UINT8",
     "bool": "BOOL",
+    "string": "BYTES",
 }
 NUMPY_DTYPE = {
     "FP32": np.dtype(np.float32),
@@ -47,8 +53,46 @@ NUMPY_DTYPE = {
     "UINT32": np.dtype(np.uint32),
     "UINT64": np.dtype(np.uint64),
     "BOOL": np.dtype(np.bool_),
+    "BYTES": np.dtype(np.object_),
 }
 _NP_TO_V2 = {v: k for k, v in NUMPY_DTYPE.items()}
+
+
+def _utf8(value: bytes, name: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"input '{name}': BYTES element is not UTF-8 text ({exc.reason} at byte "
+                            f"{exc.start}); this model takes text") from None
+
+
+def decode_bytes_tensor(raw: bytes | memoryview, count: int, name: str) -> np.ndarray:
+    """count length-prefixed elements (uint32 LE length, then the bytes) filling raw exactly."""
+    raw = bytes(raw)
+    out, offset = [], 0
+    for i in range(count):
+        if offset + 4 > len(raw):
+            raise ProtocolError(f"input '{name}': BYTES data ends at element {i} of {count}")
+        length = int.from_bytes(raw[offset:offset + 4], "little")
+        offset += 4
+        if offset + length > len(raw):
+            raise ProtocolError(f"input '{name}': BYTES element {i} claims {length} bytes, "
+                                f"{len(raw) - offset} are left")
+        out.append(_utf8(raw[offset:offset + length], name))
+        offset += length
+    if offset != len(raw):
+        raise ProtocolError(f"input '{name}': {len(raw) - offset} bytes after the last of {count} BYTES elements")
+    arr = np.empty(count, dtype=object)
+    arr[:] = out
+    return arr
+
+
+def encode_bytes_tensor(arr: np.ndarray) -> bytes:
+    parts = []
+    for v in arr.ravel():
+        b = v.encode("utf-8") if isinstance(v, str) else bytes(v)
+        parts += [len(b).to_bytes(4, "little"), b]
+    return b"".join(parts)
 
 
 class ProtocolError(Exception):
@@ -122,8 +166,8 @@ def _loads(raw: bytes | memoryview) -> Any:
 # Python types a JSON "data" list may hold per v2 datatype kind. JSON strings and
 # booleans are refused for numbers: numpy would quietly read "1.5" or true as 1.5 / 1.0.
 _JSON_LEAF_TYPES = {"f": frozenset((float, int)), "i": frozenset((int,)), "u": frozenset((int,)),
-                    "b": frozenset((bool,))}
-_KIND_WORDS = {"f": "numbers", "i": "integers", "u": "integers", "b": "true/false"}
+                    "b": frozenset((bool,)), "O": frozenset((str,))}
+_KIND_WORDS = {"f": "numbers", "i": "integers", "u": "integers", "b": "true/false", "O": "strings"}
 
 
 def _json_array(data: Any, dtype: np.dtype, name: str, rank: int) -> np.ndarray:
@@ -137,6 +181,10 @@ def _json_array(data: Any, dtype: np.dtype, name: str, rank: int) -> np.ndarray:
         bad = sorted(t.__name__ for t in types - allowed)
         raise ProtocolError(f"input '{name}': {_NP_TO_V2[dtype]} data must hold {_KIND_WORDS[dtype.kind]} "
                             f"only, got {', '.join('list' if b == 'list' else b for b in bad)} values")
+    if dtype.kind == "O":  # np.asarray would make a fixed-width unicode array; the engine wants objects
+        arr = np.empty(len(leaves), dtype=object)
+        arr[:] = leaves
+        return arr
     try:
         arr = np.asarray(leaves, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as exc:
@@ -235,10 +283,13 @@ def parse_infer_request(body: bytes, header_length: int | str | None, model: Mod
             if offset + size > len(body):
                 raise ProtocolError(f"input '{name}': binary_data_size {size} runs past the end of the body "
                                     f"({len(body) - offset} bytes left)")
-            if size != count * dtype.itemsize:
+            if dtype.kind == "O":
+                arr = decode_bytes_tensor(view[offset:offset + size], count, name).reshape(shape)
+            elif size != count * dtype.itemsize:
                 raise ProtocolError(f"input '{name}': {size} bytes of binary data hold "
                                     f"{size / dtype.itemsize:g} {want_dt} elements, shape {list(shape)} needs {count}")
-            arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)
+            else:
+                arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)
             offset += size
         else:
             if "data" not in item:
@@ -296,9 +347,11 @@ def encode_infer_response(model_name: str, request: InferRequest, results: dict[
             raise ProtocolError(f"output '{name}' holds NaN or Inf, which JSON cannot carry; request it with "
                                 f"parameters.binary_data = true to receive the raw values", 400, "non_finite_output")
         if binary:
-            blob = np.ascontiguousarray(arr).tobytes()
+            blob = encode_bytes_tensor(arr) if arr.dtype.kind == "O" else np.ascontiguousarray(arr).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        elif arr.dtype.kind == "O":
+            entry["data"] = [v if isinstance(v, str) else bytes(v).decode("utf-8", "replace") for v in arr.ravel()]
         else:
             entry["data"] = arr.ravel().tolist()
         out_meta.append(entry)

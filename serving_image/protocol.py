@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import orjson
 
 from optimodel.spec import TensorSpec
 
@@ -154,10 +155,13 @@ def decode_body(body: bytes, content_encoding: str | None, limit: int) -> bytes:
 
 
 def _loads(raw: bytes | memoryview) -> Any:
+    # orjson: about 10x the stdlib's speed on a float array (the largest single cost of a
+    # JSON request in a profile of the MLP); strict JSON (no NaN), nesting capped at 1024
     try:
-        # decoding first skips json's per-call encoding sniffing of bytes input
-        return json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "depth" in str(exc) or "recursion" in str(exc):
+            raise ProtocolError(f"the inference request is nested too deeply to parse ({exc})") from None
         raise ProtocolError(f"malformed JSON in the inference request: {exc}") from exc
     except RecursionError:
         raise ProtocolError("the inference request is nested too deeply to parse") from None
@@ -353,19 +357,19 @@ def encode_infer_response(model_name: str, request: InferRequest, results: dict[
         elif arr.dtype.kind == "O":
             entry["data"] = [v if isinstance(v, str) else bytes(v).decode("utf-8", "replace") for v in arr.ravel()]
         else:
-            entry["data"] = arr.ravel().tolist()
+            entry["data"] = arr.ravel()  # orjson writes numpy arrays without a Python list in between
         out_meta.append(entry)
     response: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": out_meta}
     if request.id is not None:
         response["id"] = request.id
-    head = json.dumps(response, separators=(",", ":")).encode()
+    head = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
 
 
 def error_body(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
+    return orjson.dumps({"error": message})
 
 
 def tensor_metadata(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:

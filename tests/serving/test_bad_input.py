@@ -42,7 +42,7 @@ BAD_JSON = [
     (_req(GOOD, outputs=[{"name": "probs"}]), "unknown output 'probs'; model 'digits' has: logits"),
     (_req(GOOD, outputs=[{"name": "logits", "parameters": {"classification": 3}}]), "classification extension"),
     (b'{"inputs": [{"name": "image", "shape": [1,1,8,8], "datatype": "FP32", "data": [NaN'
-     + b", 0.5" * 63 + b"]}]}", "contains NaN or Inf"),
+     + b", 0.5" * 63 + b"]}]}", "malformed JSON"),  # NaN is not JSON; the strict parser refuses it
 ]
 
 

@@ -118,8 +118,12 @@ class Client:
 
 
 async def open_loop(client: Client, requests: list[bytes], rate: float, duration_s: float,
-                    max_requests: int, grace_s: float = 5.0, seed: int = 0) -> Result:
-    """Send at Poisson arrival times for duration_s (at most max_requests); wait grace_s for stragglers."""
+                    max_requests: int, grace_s: float = 5.0, seed: int = 0, from_send: bool = False) -> Result:
+    """Send at Poisson arrival times for duration_s (at most max_requests); wait grace_s for stragglers.
+
+    from_send: latency from when a request was really sent, not from its intended time; for
+    offered loads past what this client can send, where its own lag is not the server's.
+    """
     rng = random.Random(seed)
     n = max(1, min(max_requests, round(rate * duration_s)))
     # Poisson arrivals rescaled to span exactly duration_s: bursty like real traffic, yet the
@@ -134,6 +138,8 @@ async def open_loop(client: Client, requests: list[bytes], rate: float, duration
     done_at: list[float] = []
 
     async def one(intended: float, req: bytes) -> None:
+        if from_send:
+            intended = time.perf_counter()
         try:
             status, _ = await client.send(req)
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:

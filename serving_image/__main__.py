@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, type=Path, help="batching config JSON (optimodel.batching), watched live")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve the Open Inference Protocol over gRPC (with grpc.health.v1) on this port")
     p.add_argument("--model-name", default=None, help="name in the v2 routes (default: the manifest's model name)")
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
     p.add_argument("--drain-seconds", type=float, default=0.0,
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model_name or manifest.model_name
 
     def on_ready() -> None:
-        log.info("serving %s on http://%s:%d", name, args.host, args.port)
+        log.info("serving %s on http://%s:%d%s", name, args.host, args.port,
+                 f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port else "")
 
     servers = []
 
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(backend, manifest, config, model_name=name, config_path=args.config,
                      max_body_bytes=args.max_body_bytes, allow_non_finite=args.allow_non_finite, on_ready=on_ready,
                      deadline_s=(args.deadline_ms or DEFAULT_DEADLINE_MS) / 1000.0,
+                     grpc_port=args.grpc_port, grpc_host=args.host,
+                     grpc_grace_s=max(0.5, args.grace_seconds - args.drain_seconds - CLOSE_MARGIN_S),
                      body_timeout_s=args.body_timeout_seconds,
                      on_warmup_failed=on_warmup_failed)
     state = app.state.server_state

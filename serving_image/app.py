@@ -58,6 +58,7 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
                model_name: str | None = None, config_path: Path | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY, allow_non_finite: bool = False,
                deadline_s: float | None = DEFAULT_DEADLINE_S, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+               grpc_port: int | None = None, grpc_host: str = "127.0.0.1", grpc_grace_s: float = 5.0,
                watch_interval: float = 0.2, on_ready: Callable[[], None] | None = None,
                on_warmup_failed: Callable[[str], None] | None = None) -> "InferFastPath":
     name = model_name or manifest.model_name
@@ -88,9 +89,21 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
         if on_ready is not None:
             on_ready()
 
+    grpc_face = None
+    if grpc_port is not None:
+        from serving_image.grpc_server import GrpcFace, InferenceServicer  # grpcio only when gRPC is on
+
+        grpc_face = GrpcFace(InferenceServicer(
+            name=name, version=MODEL_VERSION, model_io=model_io, batcher=batcher, metrics=metrics,
+            is_ready=lambda: is_ready(), metadata=lambda: model_metadata(),
+            server_info={"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]},
+            deadline_s=deadline_s), grpc_host, grpc_port, max_body_bytes)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
+        if grpc_face is not None:
+            await grpc_face.start()
         tasks = [asyncio.create_task(warm(), name="warm-up")]
         if watcher is not None:
             tasks.append(asyncio.create_task(watcher.run(), name="config-watch"))
@@ -101,6 +114,9 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if grpc_face is not None:
+                # RPCs already in the batcher are answered (the batcher is still running); new ones refused
+                await grpc_face.stop(grpc_grace_s)
             await batcher.close()  # every accepted request is answered before exit
             backend.close()
 
@@ -110,6 +126,7 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
     app.state.server_state = state
     app.state.watcher = watcher
     app.state.model_name = name
+    app.state.grpc = grpc_face
 
     def is_ready() -> bool:
         return state.ready and not state.draining

@@ -22,7 +22,7 @@ from serving_image import protocol
 from serving_image.app import create_app
 from serving_image.backends import load_backend
 
-from .conftest import ThreadedServer
+from .conftest import ThreadedServer, free_port
 
 TEXTS = ["héllo wörld", "12345", "", "x" * 300, "日本語 42", "007"]
 
@@ -57,9 +57,11 @@ def server(tmp_path_factory):
     publish(src, manifest, (root / "store").as_uri())
     local, manifest = open_artifact((root / "store").as_uri())
     # a 40 ms window: concurrent requests share an engine call
+    grpc_port = free_port()
     app = create_app(load_backend(local, manifest, threads=1), manifest,
-                     BatchingConfig(max_wait_ms=40, max_batch_size=16))
+                     BatchingConfig(max_wait_ms=40, max_batch_size=16), grpc_port=grpc_port)
     with ThreadedServer(app) as srv:
+        srv.grpc = f"127.0.0.1:{grpc_port}"
         yield srv
 
 
@@ -85,6 +87,19 @@ def test_tritonclient_round_trip(server, binary):
     result = client.infer("text", [inp], outputs=outs)
     echo = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("echo").ravel()]
     assert echo == TEXTS
+    assert result.as_numpy("is_number").ravel().tolist() == _expected_numbers(TEXTS)
+    client.close()
+
+
+def test_tritonclient_grpc_round_trip(server):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc)
+    arr = np.array([[t.encode()] for t in TEXTS], dtype=object)
+    inp = grpcclient.InferInput("text", list(arr.shape), "BYTES")
+    inp.set_data_from_numpy(arr)
+    result = client.infer("text", [inp])
+    assert [v.decode() for v in result.as_numpy("echo").ravel()] == TEXTS
     assert result.as_numpy("is_number").ravel().tolist() == _expected_numbers(TEXTS)
     client.close()
 

@@ -368,10 +368,46 @@ def mlp_artifact(workdir: Path) -> Path:
     return dest
 
 
+class GrpcClient:
+    """open_loop's client interface over gRPC: pre-serialized ModelInferRequest bytes in, (status, body) out."""
+
+    def __init__(self, port: int):
+        import grpc
+
+        self.grpc = grpc
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        # bytes straight through: the client does not re-serialize per request
+        self.call = self.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+    async def connect(self, n: int) -> None:
+        await self.channel.channel_ready()
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        try:
+            return 200, await self.call(request)
+        except self.grpc.aio.AioRpcError as exc:
+            return (503 if exc.code() == self.grpc.StatusCode.UNAVAILABLE else 500), b""
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def grpc_request(model: str, feeds: dict[str, np.ndarray]) -> bytes:
+    from serving_image.grpc_v2 import grpc_predict_v2_pb2 as pb
+
+    dt = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    req = pb.ModelInferRequest(model_name=model)
+    for k, v in feeds.items():
+        req.inputs.add(name=k, datatype=dt[v.dtype], shape=list(v.shape))
+        req.raw_input_contents.append(np.ascontiguousarray(v).tobytes())
+    return req.SerializeToString()
+
+
 async def max_rate(port: int, reqs: list[bytes], slo: float, duration: float, start: float, step: float = 1.2,
-                   label: str = "", server: "ServerProcess | None" = None, limit: float = 40_000) -> dict:
+                   label: str = "", server: "ServerProcess | None" = None, limit: float = 40_000,
+                   client=None) -> dict:
     """Highest open-loop rate (geometric steps) whose p99 over every request stays within slo, nothing refused."""
-    client = Client("127.0.0.1", port)
+    client = client or Client("127.0.0.1", port)
     await client.connect(64)
     best, sweep, rate, retried = None, [], start, False
     while rate <= limit:
@@ -394,9 +430,10 @@ async def max_rate(port: int, reqs: list[bytes], slo: float, duration: float, st
     return {"max_rate_within_slo": best["rate"] if best else 0.0, "best": best, "sweep": sweep}
 
 
-async def cpu_per_request(server: "ServerProcess", reqs: list[bytes], rate: float, duration: float) -> dict:
+async def cpu_per_request(server: "ServerProcess", reqs: list[bytes], rate: float, duration: float,
+                          client=None) -> dict:
     """Whole server process CPU time / answered requests at a fixed open-loop rate."""
-    client = Client("127.0.0.1", server.port)
+    client = client or Client("127.0.0.1", server.port)
     await client.connect(64)
     server.wait_idle()
     cpu0 = process_cpu_s(server.proc.pid)
@@ -409,7 +446,7 @@ async def cpu_per_request(server: "ServerProcess", reqs: list[bytes], rate: floa
 
 async def overload(server: "ServerProcess", reqs: list[bytes], capacity: float, slo: float, duration: float) -> dict:
     """10x capacity offered open loop: answered-within-SLO per second as a fraction of capacity."""
-    client = Client("127.0.0.1", server.port)
+    client = Client("127.0.0.1", server.port, max_connections=1000)
     await client.connect(256)
     server.wait_idle()
     offered = 10 * capacity
@@ -464,18 +501,27 @@ async def bench_mlp(workdir: Path, quick: bool) -> dict:
     out["threads"] = {}
     for threads in settings:
         label = f"threads {'default' if threads is None else threads}"
-        port = free_port()
-        server = ServerProcess(artifact, config, port, threads)
+        port, grpc_port = free_port(), free_port()
+        server = ServerProcess(artifact, config, port, threads, ("--grpc-port", str(grpc_port)))
         try:
             server.wait_ready()
             reqs_bin = [binary_request("127.0.0.1", port, "mlp", d) for d in data]
             reqs_json = [json_request("127.0.0.1", port, "mlp", d) for d in data]
+            reqs_grpc = [grpc_request("mlp", d) for d in data]
             fig = await max_rate(port, reqs_bin, slo, duration, 800, 1.2, label, server)
             fig["cpu_json"] = await cpu_per_request(server, reqs_json, MLP["cpu_rate"], duration)
             fig["cpu_binary"] = await cpu_per_request(server, reqs_bin, MLP["cpu_rate"], duration)
             print(f"[mlp] {label}: max rate within p99 {slo:g} ms {fig['max_rate_within_slo']:.0f}/s; server CPU "
                   f"per request at {MLP['cpu_rate']:.0f}/s: JSON {fig['cpu_json']['cpu_us_per_request']} us, binary "
                   f"{fig['cpu_binary']['cpu_us_per_request']} us", flush=True)
+            if threads is None:  # gRPC beside REST, default threads
+                fig["grpc"] = await max_rate(port, reqs_grpc, slo, duration, 800, 1.2, "grpc " + label, server,
+                                             client=GrpcClient(grpc_port))
+                fig["cpu_grpc"] = await cpu_per_request(server, reqs_grpc, MLP["cpu_rate"], duration,
+                                                        client=GrpcClient(grpc_port))
+                print(f"[mlp] gRPC {label}: max rate within p99 {slo:g} ms {fig['grpc']['max_rate_within_slo']:.0f}/s; "
+                      f"server CPU per request at {MLP['cpu_rate']:.0f}/s {fig['cpu_grpc']['cpu_us_per_request']} us",
+                      flush=True)
         finally:
             server.stop()
         out["threads"]["default" if threads is None else str(threads)] = fig
@@ -507,7 +553,7 @@ async def bench_mlp(workdir: Path, quick: bool) -> dict:
         "cpu_per_request_json_le_120us": cpu_json <= 120,
         "cpu_binary_below_json": cpu_bin < cpu_json,
         "overload_goodput_ge_0.9_of_capacity": out["overload"]["deadline_slo"]["goodput_fraction_of_capacity"] >= 0.9,
-        "grpc_beside_rest": "not implemented",
+        "grpc_cpu_per_request_us": out["threads"]["default"]["cpu_grpc"]["cpu_us_per_request"],
         "torchserve_1.5x": "not measured (quote CPU per request instead)",
     }
     out["loadgen_is_the_limit"] = bool(ceiling and max(rates.values()) >= 0.8 * ceiling)
@@ -527,6 +573,11 @@ def main() -> None:
                         "shared cores, and the server's event loop and the load generator need one)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
+    import resource
+
+    # the overload run holds thousands of connections open at once (client and server inherit this)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         import uvloop
         uvloop.install()

@@ -1,10 +1,11 @@
-"""`python -m serving_image --artifact URI_OR_DIR --config FILE [--host] [--port] [--model-name]`.
+"""`python -m serving_image --artifact URI_OR_DIR --config FILE [--host] [--port] [--grpc-port] [--model-name]`.
 
 Refuses to start (non-zero exit, one clear line) when the artifact is missing,
 unfinished or fails its checksums. Listens at once so liveness answers, warms every
 batch-size bucket, then reports ready and logs "serving <model> on http://HOST:PORT".
-SIGTERM: readiness goes false, (after --drain-seconds) the listener closes, every
-accepted request is answered, then the process exits 0.
+SIGTERM: readiness goes false (REST and gRPC health), (after --drain-seconds) the
+listener closes, uploads still arriving get 408, every accepted request is answered,
+then the process exits 0 — within --grace-seconds whatever clients do.
 
 Exit codes: 0 clean stop, 2 artifact refused (missing, unfinished, checksum), 3 engine
 does not load, 4 warm-up failed; uvicorn's own startup failures (port in use) exit 1 or 3.

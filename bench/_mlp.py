@@ -13,21 +13,23 @@ import numpy as np
 LAYERS = [(256, 1024), (1024, 1024), (1024, 10)]
 
 
-def make_mlp_onnx(path: Path, seed: int = 0) -> Path:
+def make_mlp_onnx(path: Path, seed: int = 0, hidden: int = 1024) -> Path:
+    """hidden != 1024: the same shape, wider (an engine-bound variant for the overload figure)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     nodes, inits, prev = [], [], "x"
-    for i, (fan_in, fan_out) in enumerate(LAYERS):
+    layers = [(256, hidden), (hidden, hidden), (hidden, 10)]
+    for i, (fan_in, fan_out) in enumerate(layers):
         bound = 1.0 / np.sqrt(fan_in)
         w = rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32)
         b = rng.uniform(-bound, bound, (fan_out,)).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
         nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
-                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}" if i < len(LAYERS) - 1 else "y"])]
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}" if i < len(layers) - 1 else "y"])]
         prev = f"a{i}"
-        if i < len(LAYERS) - 1:
+        if i < len(layers) - 1:
             nodes.append(helper.make_node("Relu", [f"a{i}"], [f"r{i}"]))
             prev = f"r{i}"
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 256])],

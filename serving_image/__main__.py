@@ -29,7 +29,7 @@ from optimodel.storage import StorageError
 log = logging.getLogger("serving_image")
 
 DEFAULT_MAX_WAIT_MS = 2.0
-DEFAULT_DEADLINE_MS = 1000.0
+DEFAULT_DEADLINE_MS = 2000.0
 # what the drain leaves for answering accepted requests and closing: the batcher's own
 # close (queued requests run) and backend shutdown happen after uvicorn's graceful stop
 CLOSE_MARGIN_S = 2.0
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: the container CPU quota less one core for the event loop)")
     p.add_argument("--deadline-ms", type=float, default=None,
                    help="refuse (503 + Retry-After) a request that cannot be answered within this; set it to the "
-                        "p99 SLO (default: 1000)")
+                        "p99 SLO (default: 2000)")
     p.add_argument("--body-timeout-seconds", type=float, default=10.0,
                    help="answer 408 to a request whose body has not all arrived within this")
     p.add_argument("--grace-seconds", type=float, default=30.0,

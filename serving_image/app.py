@@ -34,7 +34,7 @@ SERVER_VERSION = "0.1.0"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 # A request that cannot be answered within this long is refused at once (503 + Retry-After)
 # when no p99 SLO is given: answering later helps no client that has a timeout.
-DEFAULT_DEADLINE_S = 1.0
+DEFAULT_DEADLINE_S = 2.0
 # Time allowed to receive a whole request body once its headers are in; a client that
 # stalls mid-upload is answered 408 and let go instead of holding a task (and the drain).
 DEFAULT_BODY_TIMEOUT_S = 10.0

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                      max_body_bytes=args.max_body_bytes, allow_non_finite=args.allow_non_finite, on_ready=on_ready,
                      deadline_s=(args.deadline_ms or DEFAULT_DEADLINE_MS) / 1000.0,
                      grpc_port=args.grpc_port, grpc_host=args.host,
-                     grpc_grace_s=max(0.5, args.grace_seconds - args.drain_seconds - CLOSE_MARGIN_S),
+                     # by then uvicorn's graceful wait is spent; RPCs in the batcher finish in the margin
+                     grpc_grace_s=CLOSE_MARGIN_S / 2,
                      body_timeout_s=args.body_timeout_seconds,
                      on_warmup_failed=on_warmup_failed)
     state = app.state.server_state

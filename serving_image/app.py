@@ -97,7 +97,7 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
             name=name, version=MODEL_VERSION, model_io=model_io, batcher=batcher, metrics=metrics,
             is_ready=lambda: is_ready(), metadata=lambda: model_metadata(),
             server_info={"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]},
-            deadline_s=deadline_s), grpc_host, grpc_port, max_body_bytes)
+            deadline_s=deadline_s, warmed=lambda: state.ready), grpc_host, grpc_port, max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

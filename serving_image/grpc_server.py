@@ -123,10 +123,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, *, name: str, version: str, model_io: protocol.ModelIO, batcher: Batcher, metrics,
                  is_ready: Callable[[], bool], metadata: Callable[[], dict], server_info: dict,
-                 deadline_s: float | None):
+                 deadline_s: float | None, warmed: Callable[[], bool] | None = None):
+        """is_ready: what probes see (false from SIGTERM on); warmed: whether infer is served (true
+        through the drain, as REST: requests keep arriving until endpoint removal propagates)."""
         self.name, self.version, self.model_io = name, version, model_io
         self.batcher, self.metrics = batcher, metrics
         self.is_ready, self.metadata, self.server_info = is_ready, metadata, server_info
+        self.warmed = warmed or is_ready
         self.deadline_s = deadline_s
 
     def _known(self, model: str, version: str) -> bool:
@@ -171,7 +174,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not self._known(request.model_name, request.model_version):
             return (grpc.StatusCode.NOT_FOUND, f"unknown model '{request.model_name}' version "
                     f"'{request.model_version}'; this server serves '{self.name}' version {self.version}", None)
-        if not self.is_ready():
+        if not self.warmed():
             m.rejected("not_ready")
             return grpc.StatusCode.UNAVAILABLE, "model is not ready", 1.0
         m.inflight.inc()

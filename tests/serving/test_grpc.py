@@ -114,3 +114,50 @@ def test_non_finite_input_is_refused_and_outputs_travel_raw(client):
     inp.set_data_from_numpy(np.full((1, 1, 8, 8), 3e38, np.float32))
     out = client.infer(MODEL, [inp]).as_numpy("logits")  # raw bytes carry Inf as they are
     assert out.shape == (1, 10) and not np.isfinite(out).all()
+
+
+def test_sigterm_turns_grpc_health_not_serving_then_exits(digits_artifact, tmp_path):
+    """The process: gRPC health SERVING once warm, NOT_SERVING from SIGTERM (inside the drain), exit 0."""
+    import signal
+    import subprocess
+    import sys
+
+    from optimodel.batching import write_batching_config
+
+    from .conftest import ROOT_DIR, wait_ready
+
+    config = tmp_path / "batching.json"
+    write_batching_config(config, BatchingConfig(max_wait_ms=1, max_batch_size=32))
+    port, grpc_port = free_port(), free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "serving_image", "--artifact", str(digits_artifact), "--config",
+                             str(config), "--port", str(port), "--grpc-port", str(grpc_port), "--threads", "1",
+                             "--drain-seconds", "3"], cwd=ROOT_DIR, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc=proc)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            probe = health_pb2_grpc.HealthStub(channel)
+            check = lambda: probe.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status  # noqa: E731
+            import time
+            deadline = time.monotonic() + 10
+            while check() != health_pb2.HealthCheckResponse.SERVING:  # mirrored every 0.1 s
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while check() != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "gRPC health still SERVING after SIGTERM"
+                time.sleep(0.05)
+            # still answering inside the drain window, as REST does, while endpoint removal propagates
+            c = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+            inp = grpcclient.InferInput("image", [1, 1, 8, 8], "FP32")
+            inp.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+            assert c.infer(MODEL, [inp]).as_numpy("logits").shape == (1, 10)
+            assert not c.is_server_ready()
+            c.close()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        log.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert f"and grpc://127.0.0.1:{grpc_port}" in (tmp_path / "server.log").read_text()

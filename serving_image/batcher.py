@@ -12,7 +12,7 @@
   the worker, and the loop sets every request's future from one callback.
 - The queue is bounded (maxQueue requests): past it, submit() raises QueueFull at
   once so the caller can answer 503 instead of growing memory.
-- Admission is also by time: with a deadline, a request whose estimated finish
+- Admission is also by time: with a deadline, a request whose estimated start
   (batches ahead of it times the recent batch time) lies past the deadline raises
   Overloaded at once, and a queued request still not started at its deadline is
   failed with Overloaded rather than run late. A length bound alone let the queue
@@ -144,15 +144,23 @@ class Batcher:
         return batches * self.batch_seconds
 
     def admit(self, deadline: float | None, n: int = 1) -> None:
-        """Raise Overloaded when a request of n samples could not be answered within deadline seconds.
+        """Raise Overloaded when a request of n samples could not start within deadline seconds.
 
+        Only the batches ahead of its own count: a request that finds nothing running and
+        nothing queued is always admitted. Counting its own batch too refused every request
+        for good once one slow batch (a starved CPU) pushed the estimate past the deadline,
+        since a refused request runs no batch that could bring the estimate back down.
         Cheap enough to call before reading a body, so refusals cost no parsing.
         """
         if deadline is not None and self.batch_seconds > 0:
-            finish = self.estimated_finish(n)
-            if finish > deadline:
-                raise Overloaded(f"overloaded: a request now would wait about {finish * 1000:.0f} ms, past its "
-                                 f"deadline of {deadline * 1000:.0f} ms", retry_after=finish - deadline)
+            wait = self._batches_ahead(n) * self.batch_seconds
+            if wait > deadline:
+                raise Overloaded(f"overloaded: a request now would wait about {wait * 1000:.0f} ms to start, "
+                                 f"past its deadline of {deadline * 1000:.0f} ms", retry_after=wait - deadline)
+
+    def _batches_ahead(self, n: int) -> int:
+        """Batches that run before the one a request of n samples queued now would join."""
+        return self._running + (self._queued_samples + n - 1) // self.config.max_batch_size
 
     def submit(self, inputs: dict[str, np.ndarray], n: int, deadline: float | None = None) -> asyncio.Future:
         """Queue one validated request of n samples; its future resolves to its outputs.

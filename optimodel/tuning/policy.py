@@ -134,8 +134,9 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
     if obs.engine_ms and obs.mean_batch:
         measured = min(max(obs.engine_ms / profile.ms(obs.mean_batch), 0.2), 5.0)
         scale = (1 - settings.smoothing) * scale + settings.smoothing * measured
-    engine = profile.scaled(scale)
-    rate = max(obs.arrival_rps, obs.answered_rps)
+    # 2 % steps of scale and rate: the replay is cached, and the same figures come back interval after interval
+    engine = profile.scaled(_quantize(scale))
+    rate = _quantize(max(obs.arrival_rps, obs.answered_rps))
 
     # 3. the engine alone cannot meet the SLO
     alone = engine.ms(1)
@@ -217,6 +218,10 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
     why = "p99 over the SLO" if breach else (f"{gain:+.0%} goodput predicted" if gain >= settings.min_gain
                                             else f"p99 {p99[current]:.1f} → {p99[best]:.1f} ms predicted")
     return _done(state, current, best, TUNING, f"{figures}: {why}", p99[best])
+
+
+def _quantize(x: float, step: float = 1.02) -> float:
+    return step ** round(math.log(x) / math.log(step)) if x > 0 else x
 
 
 def _done(state: TunerState, current: float, window: float, reason: str, message: str,

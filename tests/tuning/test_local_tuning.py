@@ -69,7 +69,7 @@ def test_run_tunes_the_window_from_the_servers_metrics(tuned_manifest, tmp_path)
         image = np.load(tmp_path / "build" / "digits_test.npz")["image"][:1]
         url = f"http://127.0.0.1:{port}/v2/models/digits-cnn/infer"
         with OpenLoop(url, infer_body("image", image), rate=250) as load:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120  # early exit; long only when a busy CPU keeps p99 up
             while time.monotonic() < deadline:
                 decisions = [m for m in map(LINE.search, lines) if m]
                 converged = [m for m in decisions if m["reason"] == "Converged" and upper(m["p99"]) <= SLO]

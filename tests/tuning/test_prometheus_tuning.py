@@ -50,7 +50,7 @@ def test_run_tunes_from_a_real_prometheus(tuned_manifest, tmp_path):
             assert obs.samples > 200 and 100 < obs.arrival_rps < 300, obs
             assert obs.p99_ms is not None and obs.p99_ms.lo < obs.p99_ms.hi and obs.mean_batch >= 1
             assert obs.engine_ms > 0 and obs.window_ms is not None and obs.queue_p99_ms is not None
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120  # early exit; long only when a busy CPU keeps p99 up
             while time.monotonic() < deadline:
                 decisions = [m for m in map(LINE.search, lines) if m]
                 if any(m["arrow"] == "→" for m in decisions) and decisions[-1]["reason"] == "Converged" \

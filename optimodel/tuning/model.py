@@ -13,6 +13,7 @@ Pure and deterministic (a fixed seed), so a unit test can call it.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import math
 import random
@@ -80,6 +81,16 @@ class Prediction:
 def predict(profile: EngineProfile, rate_rps: float, window_ms: float, max_batch: int, slo_ms: float,
             requests: int = 3000, seed: int = 7) -> Prediction:
     """Latency the server would show at this arrival rate and window (one pod, requests of one sample)."""
+    body, mean_batch, mean_wait = _replay(profile, rate_rps, window_ms, max_batch, requests, seed)
+    p99 = body[min(len(body) - 1, int(math.ceil(0.99 * len(body))) - 1)]
+    under = bisect.bisect_right(body, slo_ms) / len(body)
+    return Prediction(window_ms, p99, under, mean_batch, mean_wait, rate_rps >= profile.capacity_rps(max_batch))
+
+
+@functools.lru_cache(maxsize=4096)
+def _replay(profile: EngineProfile, rate_rps: float, window_ms: float, max_batch: int, requests: int,
+            seed: int) -> tuple[tuple[float, ...], float, float]:
+    """(sorted latencies after the warm-up, mean batch, mean wait); cached, as the tuner asks again each interval."""
     rng = random.Random(seed)
     gap = 1000.0 / max(rate_rps, 1e-6)
     arrivals, t = [], 0.0
@@ -117,9 +128,5 @@ def predict(profile: EngineProfile, rate_rps: float, window_ms: float, max_batch
         head += n
         free_at = done
     skip = len(lat) // 10  # the replay starts empty: leave out its warm-up
-    body = sorted(lat[skip:])
-    p99 = body[min(len(body) - 1, int(math.ceil(0.99 * len(body))) - 1)]
-    under = bisect.bisect_right(body, slo_ms) / len(body)
-    overloaded = rate_rps >= profile.capacity_rps(max_batch)
-    return Prediction(window_ms, p99, under, sum(batches) / len(batches), sum(waits[skip:]) / max(1, len(waits) - skip),
-                      overloaded)
+    return (tuple(sorted(lat[skip:])), sum(batches) / len(batches),
+            sum(waits[skip:]) / max(1, len(waits) - skip))

@@ -10,12 +10,12 @@
    windows (model.predict): that separates latency the window adds (waiting) from
    latency the backlog adds (queueing). Goodput = rate × share answered within the SLO.
 5. Arrivals at or above what the engine serves with full batches: queueing, not
-   waiting. The window is never cut then (in a batcher where waiting buys batch size
-   that would lower capacity); the reason says to add replicas (Overloaded).
+   waiting. The window moves only where the replay predicts more goodput (where waiting
+   buys batch size, and so capacity, cutting it would lower goodput; where batches are
+   full anyway it changes nothing), and the reason says to add replicas (Overloaded).
 6. Otherwise the window with the highest predicted goodput whose p99 keeps a headroom
-   under the SLO; among equals the lowest p99, and among those the widest window
-   (bigger batches that cost no latency). It moves only on a breach or a real gain
-   (hysteresis), so the ConfigMap is written rarely.
+   under the SLO; among equals the lowest p99, and among those the shortest window. It
+   moves only on a breach or a real gain (hysteresis), so the ConfigMap is written rarely.
 """
 
 from __future__ import annotations
@@ -56,8 +56,12 @@ class Bounds:
         return min(max(window_ms, self.min_wait_ms), self.max_wait_ms)
 
     def ladder(self, current: float) -> list[float]:
-        out = {self.min_wait_ms, self.max_wait_ms, self.clamp(current)}
-        out.update(w for w in LADDER_MS if self.min_wait_ms <= w <= self.max_wait_ms)
+        """Candidate windows: a window at or over the SLO cannot keep p99 under it (the first request of a
+        quiet period waits it all), so the ladder stops below the SLO."""
+        out = {self.min_wait_ms, self.clamp(current)}
+        out.update(w for w in LADDER_MS if self.min_wait_ms <= w <= self.max_wait_ms and w < self.slo_ms)
+        if self.max_wait_ms < self.slo_ms:
+            out.add(self.max_wait_ms)
         return sorted(out)
 
 
@@ -130,8 +134,9 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
     if obs.engine_ms and obs.mean_batch:
         measured = min(max(obs.engine_ms / profile.ms(obs.mean_batch), 0.2), 5.0)
         scale = (1 - settings.smoothing) * scale + settings.smoothing * measured
-    engine = profile.scaled(scale)
-    rate = max(obs.arrival_rps, obs.answered_rps)
+    # 2 % steps of scale and rate: the replay is cached, and the same figures come back interval after interval
+    engine = profile.scaled(_quantize(scale))
+    rate = _quantize(max(obs.arrival_rps, obs.answered_rps))
 
     # 3. the engine alone cannot meet the SLO
     alone = engine.ms(1)
@@ -177,15 +182,14 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
     capacity = engine.capacity_rps(bounds.max_batch_size)
     rejecting = obs.reject_rps > 0.01 * max(rate, 1e-9)
     if rate >= 0.98 * capacity or (rejecting and breach):
-        best = max(preds, key=lambda w: (round(goodput[w], 6), w))
-        window = max(current, best)  # never cut: the engine is the bottleneck, not the wait
-        if window - current < 0.5 or goodput[window] < goodput[current] * (1 + settings.min_gain):
-            window = current
+        # the replay says whether a window buys capacity here; move only for a real predicted gain
+        top = max(goodput.values())
+        best = current if goodput[current] >= top * (1 - settings.min_gain) else max(preds, key=lambda w: goodput[w])
         queue = f", queue wait p99 {obs.queue_p99_ms} ms" if obs.queue_p99_ms else ""
-        return _done(state, current, window, OVERLOADED,
+        return _done(state, current, best, OVERLOADED,
                      f"{figures}{queue}: arrivals reach the {capacity:.0f} req/s one pod serves with full batches of "
-                     f"{bounds.max_batch_size}; the latency is queueing, a shorter window would not lower it; "
-                     "add replicas", p99[window])
+                     f"{bounds.max_batch_size}; the latency is queueing, which a shorter window does not lower; "
+                     "add replicas", p99[best])
 
     # 6. the best window under the SLO with headroom; move only for a real gain or on a breach
     target = slo * (1 - settings.headroom)
@@ -203,7 +207,8 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
     top = max(goodput[w] for w in feasible)
     near = [w for w in feasible if goodput[w] >= top * (1 - settings.min_gain / 2)]
     low = min(p99[w] for w in near)
-    best = max(w for w in near if p99[w] <= low + max(0.5, 0.02 * slo))
+    # among equals the smaller window: a short timer costs a real event loop more than the replay shows
+    best = min(w for w in near if p99[w] <= low + 0.25)
     gain = (goodput[best] - goodput[current]) / max(goodput[current], 1e-9)
     p99_gain = p99[current] - p99[best]
     move = (breach or p99[current] > target or gain >= settings.min_gain
@@ -213,6 +218,10 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
     why = "p99 over the SLO" if breach else (f"{gain:+.0%} goodput predicted" if gain >= settings.min_gain
                                             else f"p99 {p99[current]:.1f} → {p99[best]:.1f} ms predicted")
     return _done(state, current, best, TUNING, f"{figures}: {why}", p99[best])
+
+
+def _quantize(x: float, step: float = 1.02) -> float:
+    return step ** round(math.log(x) / math.log(step)) if x > 0 else x
 
 
 def _done(state: TunerState, current: float, window: float, reason: str, message: str,

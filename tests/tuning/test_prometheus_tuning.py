@@ -17,7 +17,7 @@ from optimodel.tuning.observation import ObservationError
 from optimodel.tuning.prometheus import PrometheusSource, Selector
 from tests.tuning.loadgen import OpenLoop, infer_body
 from tests.tuning.prometheus_server import Prometheus, free_port
-from tests.tuning.test_local_tuning import LINE, ROOT, tuned_manifest, upper  # noqa: F401 (fixture)
+from tests.tuning.test_local_tuning import LINE, ROOT, SLO, START, tuned_manifest, upper  # noqa: F401 (fixture)
 
 
 @pytest.mark.slow
@@ -46,18 +46,19 @@ def test_run_tunes_from_a_real_prometheus(tuned_manifest, tmp_path):
         with OpenLoop(url, infer_body("image", image), rate=200):
             time.sleep(5)
             # the PromQL itself, against what Prometheus scraped
-            obs = source.observe(Selector("default", "digits-cnn", "cpu"), 4, 25.0)
+            obs = source.observe(Selector("default", "digits-cnn", "cpu"), 4, SLO)
             assert obs.samples > 200 and 100 < obs.arrival_rps < 300, obs
             assert obs.p99_ms is not None and obs.p99_ms.lo < obs.p99_ms.hi and obs.mean_batch >= 1
             assert obs.engine_ms > 0 and obs.window_ms is not None and obs.queue_p99_ms is not None
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120  # early exit; long only when a busy CPU keeps p99 up
             while time.monotonic() < deadline:
                 decisions = [m for m in map(LINE.search, lines) if m]
-                if any(m["arrow"] == "→" for m in decisions) and decisions[-1]["reason"] == "Converged":
+                if any(m["arrow"] == "→" for m in decisions) and decisions[-1]["reason"] == "Converged" \
+                        and upper(decisions[-1]["p99"]) <= SLO:
                     break
                 time.sleep(0.5)
         with pytest.raises(ObservationError) as missing:
-            source.observe(Selector("default", "no-such-model", "cpu"), 4, 25.0)
+            source.observe(Selector("default", "no-such-model", "cpu"), 4, SLO)
         assert missing.value.reason == "MetricsMissing"
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -66,8 +67,9 @@ def test_run_tunes_from_a_real_prometheus(tuned_manifest, tmp_path):
     decisions = [m for m in map(LINE.search, lines) if m]
     assert decisions, "\n".join(lines)
     moves = [m for m in decisions if m["arrow"] == "→"]
-    assert moves and float(moves[0]["old"]) == 40.0 and float(moves[0]["new"]) < 40.0, "\n".join(lines)
-    assert decisions[-1]["reason"] == "Converged" and upper(decisions[-1]["p99"]) <= 25, "\n".join(lines)
+    assert moves and float(moves[0]["old"]) == START and float(moves[0]["new"]) < START, "\n".join(lines)
+    after = decisions[decisions.index(moves[0]) + 1:]
+    assert any(m["reason"] == "Converged" and upper(m["p99"]) <= SLO for m in after), "\n".join(lines)
     assert load_batching_config(store / "default" / "digits-cnn" / "batching.json").max_wait_ms == \
         float(decisions[-1]["new"])
 

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench crd clean
+.PHONY: setup demo test test-fast bench crd clean images lint-images
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ bench: setup
 	$(PY) bench/builder.py
 	$(PY) bench/serving.py
 	$(PY) bench/operator.py
+
+# The CPU images (operator, builder, serving) with buildah/podman, no Docker engine; podman's
+# store is build/images. REGISTRY=ghcr.io/me also tags <REGISTRY>/<name>:<version> and pushes.
+images:
+	PYTHON=$(PYTHON) REGISTRY=$(REGISTRY) scripts/build_images.sh
+
+lint-images: setup
+	$(VENV)/bin/hadolint optimodel_operator/Dockerfile builder_job/Dockerfile serving_image/Dockerfile
 
 crd: setup
 	$(PY) -m optimodel crd -o crds/optimizedmodel.yaml

@@ -15,7 +15,17 @@ IMAGES_DIR=${IMAGES_DIR:-$ROOT/build/images}
 IMAGES=${IMAGES:-operator builder serving}
 REGISTRY=${REGISTRY:-}
 SUITE=bookworm
-BASE_TAG=localhost/optimodel/base-$SUITE:latest
+# the base's recipe; its hash names the cached tarball and the base tag, so a changed recipe
+# makes a new base (and new images) instead of reusing a stale one
+BASE_RECIPE=(--variant=minbase --include=python3,python3-venv,ca-certificates
+    # merged /usr made by mmdebstrap itself: the usrmerge package would pull in perl (~50 MB)
+    --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
+    # docs, man pages and translations are no use in a container (~45 MB)
+    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*'
+    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias'
+    --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*')
+BASE_ID=$(printf '%s\n' "$SUITE" "${BASE_RECIPE[@]}" | sha256sum | cut -c1-12)
+BASE_TAG=localhost/optimodel/base-$SUITE:$BASE_ID
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$ROOT/pyproject.toml" | head -n1)
 REVISION=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
 if [[ -n "$(git -C "$ROOT" status --porcelain 2>/dev/null || true)" ]]; then REVISION="$REVISION-dirty"; fi
@@ -81,21 +91,18 @@ apt_sources() {
 }
 
 build_base() {
-    local tarball="$IMAGES_DIR/base-$SUITE.tar" t0=$SECONDS
+    local tarball="$IMAGES_DIR/base-$SUITE-$BASE_ID.tar" t0=$SECONDS
     if [[ ! -s "$tarball" ]]; then
         mapfile -t sources < <(apt_sources)
         [[ ${#sources[@]} -gt 0 ]] || { log "no apt source for $SUITE in /etc/apt"; exit 1; }
         log "base: mmdebstrap $SUITE from ${sources[*]}"
-        # docs, man pages and translations are no use in a container (~45 MB)
-        mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-            --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
-            --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
-            --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*' \
-            --format=tar "$SUITE" "$tarball.part" "${sources[@]}" >&2
+        mmdebstrap "${BASE_RECIPE[@]}" --format=tar "$SUITE" "$tarball.part" "${sources[@]}" >&2
         mv "$tarball.part" "$tarball"
     fi
     if ! podman image exists "$BASE_TAG"; then
         podman import --quiet "$tarball" "$BASE_TAG" >/dev/null
+        # tarballs of older recipes
+        find "$IMAGES_DIR" -maxdepth 1 -name "base-$SUITE-*.tar*" ! -name "${tarball##*/}" -delete
     fi
     log "base: $BASE_TAG ready in $((SECONDS - t0)) s"
 }
@@ -110,7 +117,10 @@ build_wheelhouse() {
     # the CPU torch wheel lies on local disk: copy it in (a plain `torch` from an index is the CUDA build)
     local torch_whl
     torch_whl=$("$py" -m pip download --no-deps -q -d "$house" "torch==2.13.0" >&2 && ls "$house"/torch-2.13.0*.whl | head -n1)
-    log "wheelhouse: torch from $torch_whl"
+    case $torch_whl in
+        *+cpu*) log "wheelhouse: torch from $torch_whl" ;;
+        *) log "pip found no CPU build of torch 2.13.0 (got '${torch_whl:-nothing}'): put its wheel in $house"; exit 1 ;;
+    esac
     "$py" -m pip wheel -q -w "$house" "setuptools>=68" "wheel" >&2
     "$py" -m pip wheel -q -w "$house" --find-links "$house" "torch==2.13.0" "$ROOT[operator,builder,serving]" >&2
     rm -f "$house"/optimodel-*.whl

@@ -206,11 +206,11 @@ def test_operator_container_reads_settings_and_fails_clearly_without_a_cluster(i
     assert bad.returncode == 2
     assert "OPTIMODEL_WORKERS='many' is not a number" in bad.stderr
 
-    # valid settings, no in-cluster service account, no kubeconfig: kopf gives up at login
+    # valid settings, no in-cluster service account, no kubeconfig
     none = podman(*common, "--env=OPTIMODEL_PEERING=", "--env=OPTIMODEL_LIVENESS=", images["operator"],
                   check=False, timeout=180)
-    assert none.returncode != 0
-    assert "credentials" in (none.stdout + none.stderr).lower(), none.stdout[-2000:] + none.stderr[-2000:]
+    assert none.returncode == 3, none.stdout[-2000:] + none.stderr[-2000:]
+    assert "optimodel-operator: no Kubernetes credentials: not in a cluster" in none.stderr
 
 
 def test_images_carry_labels_and_no_build_leftovers(images):
@@ -229,7 +229,9 @@ def test_images_carry_labels_and_no_build_leftovers(images):
             leftovers = [p for p in ("src", "dist", "wheels", "run/host-ca.crt", "root/.cache", "tmp/tools",
                                      "opt/venv/bin/pip", "usr/bin/gcc", "usr/bin/cc") if (mount / p).exists()]
             assert leftovers == [], f"{name}: {leftovers}"
-            if host_ca_digest:
+            own_ca = mount / "etc" / "ssl" / "certs" / "ca-certificates.crt"
+            # a host whose bundle is Debian's own cannot be told apart by content: /run/host-ca.crt above covers it
+            if host_ca_digest and not (own_ca.exists() and hashlib.sha256(own_ca.read_bytes()).hexdigest() == host_ca_digest):
                 size = host_ca.stat().st_size
                 copies = [p for p in mount.rglob("*") if p.is_file() and not p.is_symlink()
                           and p.stat().st_size == size and hashlib.sha256(p.read_bytes()).hexdigest() == host_ca_digest]

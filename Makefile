@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench crd clean images lint-images
+.PHONY: setup demo test test-fast bench crd clean images clean-images lint-images
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench: setup
 # store is build/images. REGISTRY=ghcr.io/me also tags <REGISTRY>/<name>:<version> and pushes.
 images:
 	PYTHON=$(PYTHON) REGISTRY=$(REGISTRY) scripts/build_images.sh
+
+clean-images:
+	rm -rf build/images
 
 lint-images: setup
 	$(VENV)/bin/hadolint optimodel_operator/Dockerfile builder_job/Dockerfile serving_image/Dockerfile

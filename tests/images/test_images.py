@@ -112,6 +112,7 @@ def digits_request(store: Path) -> tuple[dict, str]:
 def built(images, store, tmp_path_factory) -> str:
     rendered, uri = digits_request(store)
     request_dir = tmp_path_factory.mktemp("request")
+    request_dir.chmod(0o755)  # as a ConfigMap volume: readable by the pod's user
     (request_dir / "request.json").write_text(rendered["configmap"]["data"]["request.json"])
     container = rendered["job"]["spec"]["template"]["spec"]["containers"][0]
     env = [f"--env={e['name']}={e['value']}" for e in container["env"]]
@@ -127,43 +128,46 @@ def built(images, store, tmp_path_factory) -> str:
 
 def test_builder_container_publishes_a_verified_artifact(built, store):
     local = store / built.removeprefix(f"pvc://{CLAIM}/")
-    directory, manifest = open_artifact(str(local))
+    directory, manifest = open_artifact(f"file://{local}")
     assert manifest.model_name == "digits-cnn"
     # written by the container's user into the host folder, nothing by root
     assert {p.stat().st_uid for p in directory.rglob("*")} == {UID}
 
 
 def test_builder_container_stops_on_sigterm_as_pid_1(images, built, store, tmp_path):
-    """A build blocked reading its model (a FIFO nobody writes) ends at `podman stop` with 143, not SIGKILL."""
-    fifo = store / "models" / f"blocked-{os.getpid()}.onnx"
-    os.mkfifo(fifo)
-    os.chown(fifo, UID, UID)
+    """A build in a long latency profile ends at `podman stop` with 143 (its handler), not SIGKILL's 137."""
     rendered, _ = digits_request(store)
     request = json.loads(rendered["configmap"]["data"]["request.json"])
-    request["source"]["uri"] = f"pvc://{CLAIM}/models/{fifo.name}"
-    # another key: the digits key is already published (a cache hit would exit before fetch)
+    # another key: the digits key is already published (a cache hit would exit at once)
     request["cacheKey"] = "f" * 64
-    request["artifactUri"] = artifact_uri(f"pvc://{CLAIM}/artifacts", "default", "blocked", request["cacheKey"])
+    request["artifactUri"] = artifact_uri(f"pvc://{CLAIM}/artifacts", "default", "stopped", request["cacheKey"])
     (tmp_path / "request.json").write_text(json.dumps(request))
+    tmp_path.chmod(0o755)
     name = f"optimodel-builder-test-{os.getpid()}"
     podman("run", "--detach", "--name", name, "--read-only", "--network=none", f"--env=OPTIMODEL_PVC_ROOT={PVC_ROOT}",
-           f"--volume={store}:{PVC_ROOT}/{CLAIM}", f"--volume={tmp_path}:{render.REQUEST_DIR}:ro",
+           "--env=OPTIMODEL_PROFILE_SECONDS=60", f"--volume={store}:{PVC_ROOT}/{CLAIM}",
+           f"--volume={tmp_path}:{render.REQUEST_DIR}:ro",
            images["builder"], "python", "-m", "builder_job", "--request", f"{render.REQUEST_DIR}/request.json")
     try:
-        deadline = time.monotonic() + 120
-        while "fetch" not in podman("logs", name).stderr.lower() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 180
+        while "profile …" not in podman("logs", name).stderr and time.monotonic() < deadline:
             time.sleep(0.5)
+        t0 = time.monotonic()
         podman("stop", f"--time={STOP_GRACE_S}", name)
+        stopped_in = time.monotonic() - t0
         state = json.loads(podman("inspect", name).stdout)[0]["State"]
-        assert state["ExitCode"] == 143, podman("logs", name).stderr[-3000:]
+        logs = podman("logs", name).stderr
+        assert "profile …" in logs, logs[-3000:]
+        assert state["ExitCode"] == 143 and stopped_in < STOP_GRACE_S, logs[-3000:]
+        assert not (store / "artifacts" / "default" / "stopped" / request["cacheKey"] / "manifest.json").exists()
     finally:
         podman("rm", "--force", name, check=False)
-        fifo.unlink()
 
 
 def test_serving_container_serves_like_onnxruntime_and_drains_on_stop(images, built, store, digits_build, tmp_path):
     batching = tmp_path / "batching"
     write_batching_config(batching / render.BATCHING_FILE, BatchingConfig(max_wait_ms=2, max_batch_size=32))
+    batching.chmod(0o755)
     port, name = free_port(), f"optimodel-serving-test-{os.getpid()}"
     podman("run", "--detach", "--name", name, "--read-only", f"--publish=127.0.0.1:{port}:{render.PORT}",
            f"--env=OPTIMODEL_PVC_ROOT={PVC_ROOT}", f"--volume={store}:{PVC_ROOT}/{CLAIM}:ro",

@@ -31,7 +31,8 @@ REVISION=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
 if [[ -n "$(git -C "$ROOT" status --porcelain 2>/dev/null || true)" ]]; then REVISION="$REVISION-dirty"; fi
 # the host's CA bundle: pip inside a build step verifies TLS with it (mounted read-only, never copied)
 HOST_CA=${HOST_CA:-/etc/ssl/certs/ca-certificates.crt}
-PACKAGES=(podman buildah skopeo runc mmdebstrap)
+# iptables: podman's CNI portmap plugin publishes ports with it (only a Suggests of podman)
+PACKAGES=(podman buildah skopeo runc mmdebstrap iptables)
 
 export CONTAINERS_CONF="$IMAGES_DIR/containers.conf"
 export CONTAINERS_STORAGE_CONF="$IMAGES_DIR/storage.conf"
@@ -137,8 +138,10 @@ build_image() {
         *) log "unknown image '$name' (operator, builder, serving)"; exit 2 ;;
     esac
     local tag="localhost/optimodel/$name:$VERSION"
+    # --label too: buildah's layer cache reuses a LABEL step whose ARG value changed
     buildah bud --quiet --isolation chroot --pull=never --layers \
         --build-arg BASE="$BASE_TAG" --build-arg VERSION="$VERSION" --build-arg REVISION="$REVISION" \
+        --label org.opencontainers.image.version="$VERSION" --label org.opencontainers.image.revision="$REVISION" \
         --volume "$HOST_CA:/run/host-ca.crt:ro" --volume "$IMAGES_DIR/wheels:/wheels:ro" \
         --target cpu -f "$ROOT/$dir/Dockerfile" -t "$tag" "$ROOT" >/dev/null
     if [[ -n "$REGISTRY" ]]; then

@@ -138,12 +138,17 @@ build_image() {
         *) log "unknown image '$name' (operator, builder, serving)"; exit 2 ;;
     esac
     local tag="localhost/optimodel/$name:$VERSION"
-    # --label too: buildah's layer cache reuses a LABEL step whose ARG value changed
     buildah bud --quiet --isolation chroot --pull=never --layers \
         --build-arg BASE="$BASE_TAG" --build-arg VERSION="$VERSION" --build-arg REVISION="$REVISION" \
-        --label org.opencontainers.image.version="$VERSION" --label org.opencontainers.image.revision="$REVISION" \
         --volume "$HOST_CA:/run/host-ca.crt:ro" --volume "$IMAGES_DIR/wheels:/wheels:ro" \
         --target cpu -f "$ROOT/$dir/Dockerfile" -t "$tag" "$ROOT" >/dev/null
+    # buildah's layer cache reuses a LABEL step (and ignores --label) when only an ARG changed:
+    # stamp version and revision on the finished image
+    local ctr
+    ctr=$(buildah from --pull=never --quiet "$tag")
+    buildah config --label org.opencontainers.image.version="$VERSION" \
+        --label org.opencontainers.image.revision="$REVISION" "$ctr"
+    buildah commit --quiet --rm "$ctr" "$tag" >/dev/null
     if [[ -n "$REGISTRY" ]]; then
         podman tag "$tag" "$REGISTRY/$name:$VERSION"
         podman push "$REGISTRY/$name:$VERSION"

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup prometheus demo test test-fast bench crd grpc-stubs clean
+.PHONY: setup prometheus demo test test-fast bench crd grpc-stubs clean images clean-images lint-images
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,17 @@ bench: setup
 	$(PY) bench/builder.py
 	$(PY) bench/serving.py
 	$(PY) bench/operator.py
+
+# The CPU images (operator, builder, serving) with buildah/podman, no Docker engine; podman's
+# store is build/images. REGISTRY=ghcr.io/me also tags <REGISTRY>/<name>:<version> and pushes.
+images:
+	PYTHON=$(PYTHON) REGISTRY=$(REGISTRY) scripts/build_images.sh
+
+clean-images:
+	rm -rf build/images
+
+lint-images: setup
+	$(VENV)/bin/hadolint optimodel_operator/Dockerfile builder_job/Dockerfile serving_image/Dockerfile
 
 crd: setup
 	$(PY) -m optimodel crd -o crds/optimizedmodel.yaml

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -93,5 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK if result.state == "Succeeded" else exit_code_for(result.reason)
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM ends the build with exit 143, unwinding through the stages' cleanup (an artifact
+    cut short has no manifest, so no reader trusts it).
+
+    As a container's PID 1 the kernel drops a signal that has no handler: without this, a deleted
+    builder pod would hang until its grace period ends in SIGKILL."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+
+
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

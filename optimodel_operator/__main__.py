@@ -8,6 +8,9 @@ them when priorities tie. So each process takes a random priority (or
 OPTIMODEL_PEERING_PRIORITY): one replica acts, the others stand by and resume
 when its peering entry expires.
 See optimodel_operator.settings for every variable.
+
+Exit codes: 2 a setting is invalid; 3 no Kubernetes credentials (neither in a cluster nor
+a kubeconfig): kopf would otherwise retry its startup forever and the pod would look alive.
 """
 
 from __future__ import annotations
@@ -22,12 +25,35 @@ import kopf
 from optimodel_operator.settings import Settings, SettingsError
 
 
+def missing_credentials() -> str | None:
+    """Why no cluster can be reached (in-cluster service account, then kubeconfig), or None."""
+    import yaml
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+        return None
+    except config.ConfigException as exc:
+        in_cluster = str(exc)
+    try:
+        config.load_kube_config()
+        return None
+    except (config.ConfigException, OSError, ValueError, yaml.YAMLError) as exc:
+        kubeconfig = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        return (f"no Kubernetes credentials: not in a cluster ({in_cluster}) "
+                f"and no usable kubeconfig at {kubeconfig} ({exc})")
+
+
 def main() -> int:
     try:
         cfg = Settings.from_env()
     except SettingsError as exc:
         print(f"optimodel-operator: {exc}", file=sys.stderr)
         return 2
+    problem = missing_credentials()
+    if problem:
+        print(f"optimodel-operator: {problem}", file=sys.stderr)
+        return 3
     level = os.environ.get("OPTIMODEL_LOG_LEVEL", "INFO").upper()
     kopf.configure(verbose=level == "DEBUG", log_format=kopf.LogFormat.PLAIN)
     logging.getLogger().setLevel(getattr(logging, level, logging.INFO))

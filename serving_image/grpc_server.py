@@ -206,6 +206,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp, None, None
 
 
+HEALTH_SERVICES = ("", "inference.GRPCInferenceService")
+
+
+class ReadinessHealth(health.aio.HealthServicer):
+    """Check answers from readiness at the moment of the call; Watch streams the mirrored status.
+
+    The mirror polls, so a Check answered from it alone said NOT_SERVING for up to one
+    poll after the REST side already said ready.
+    """
+
+    def __init__(self, is_ready: Callable[[], bool]):
+        super().__init__()
+        self._is_ready = is_ready
+
+    async def Check(self, request, context):
+        if request.service in HEALTH_SERVICES:
+            serving = self._is_ready()
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if serving
+                                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        return await super().Check(request, context)
+
+
 class GrpcFace:
     """The gRPC server's life: start with the app, mirror readiness into health, stop in the drain."""
 
@@ -213,7 +235,7 @@ class GrpcFace:
         self.servicer = servicer
         self.address = f"{host}:{port}"
         self.max_message_bytes = max_message_bytes
-        self.health = health.aio.HealthServicer()
+        self.health = ReadinessHealth(servicer.is_ready)
         self.server: grpc.aio.Server | None = None
         self._mirror: asyncio.Task | None = None
 
@@ -235,7 +257,7 @@ class GrpcFace:
             if serving != last:
                 status = health_pb2.HealthCheckResponse.SERVING if serving else \
                     health_pb2.HealthCheckResponse.NOT_SERVING
-                for service in ("", "inference.GRPCInferenceService"):
+                for service in HEALTH_SERVICES:
                     await self.health.set(service, status)
                 last = serving
             await asyncio.sleep(0.1)

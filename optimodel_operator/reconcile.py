@@ -305,7 +305,7 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
             out.events.append(Event("Warning", bad_reason, bad_message))
         return out
 
-    targets, missing = desired_targets(spec.targets.gpu_architectures, spec.targets.cpu, fleet)
+    targets, missing = desired_targets(spec.targets.gpu_architectures, spec.targets.cpu, fleet, settings.cpu_target)
     keys = target_keys(spec, targets, settings)
     current_jobs = {render.job_name(model.name, t, keys[a]) for a, t in targets.items()}
     engines: dict[str, dict] = {}
@@ -387,7 +387,7 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
                 if old.get("reason") != "SecretMissing":
                     out.events.append(Event("Warning", "SecretMissing", message))
                 continue
-            request = render.build_request(model, spec, target, key, uri)
+            request = render.build_request(model, spec, target, key, uri, settings.toolchain_for(target))
             out.actions.append(CreateJob(
                 name=jname, arch=arch, cache_key=key,
                 job=render.builder_job(model, spec, target, key, jname, settings, generation),

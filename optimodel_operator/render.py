@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from optimodel.batching import BATCHING_FILE, BatchingConfig, dump_batching_config
 from optimodel.build import DETERMINISTIC_EXIT_CODES, BuildRequest
 from optimodel.spec import API_GROUP, API_VERSION, KIND, OptimizedModelSpec
-from optimodel.target import Target
+from optimodel.target import CPU_CLASS_NODE_LABELS, Target
 
 from optimodel_operator.discovery import GPU_RESOURCE, LABEL_MAJOR, LABEL_MINOR
 from optimodel_operator.settings import Settings
@@ -142,12 +142,24 @@ def _storage_mounts(claims: list[str], settings: Settings, read_only: bool) -> t
     return volumes, mounts
 
 
+def cpu_class_affinity(target: Target) -> dict | None:
+    """Nodes of the target's CPU class (Node Feature Discovery labels; the terms are ORed)."""
+    node_labels = CPU_CLASS_NODE_LABELS.get(target.cpu_class or "portable", ())
+    if target.kind != "cpu" or not node_labels:
+        return None
+    terms = [{"matchExpressions": [{"key": label, "operator": "In", "values": ["true"]}]} for label in node_labels]
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
+
+
 def _pod_common(settings: Settings, target: Target) -> dict:
     pod: dict = {"securityContext": dict(RESTRICTED_POD)}
     selector = node_selector(target)
     if selector:
         pod["nodeSelector"] = selector
         pod["tolerations"] = [dict(t) for t in settings.tolerations]
+    affinity = cpu_class_affinity(target)
+    if affinity:
+        pod["affinity"] = affinity
     if settings.service_account:
         pod["serviceAccountName"] = settings.service_account
     return pod
@@ -163,9 +175,10 @@ def _env(spec: OptimizedModelSpec, settings: Settings) -> tuple[list[dict], list
     return env, env_from
 
 
-def build_request(model: ModelRef, spec: OptimizedModelSpec, target: Target, key: str, artifact: str) -> BuildRequest:
+def build_request(model: ModelRef, spec: OptimizedModelSpec, target: Target, key: str, artifact: str,
+                  toolchain: dict[str, str] | None = None) -> BuildRequest:
     return BuildRequest(namespace=model.namespace, model_name=model.name, source=spec.model,
-                        optimization=spec.optimization, target=target,
+                        optimization=spec.optimization, target=target, toolchain=toolchain or {},
                         max_batch_size=spec.serving.max_batch_size, cache_key=key, artifact_uri=artifact)
 
 

@@ -10,7 +10,8 @@
 | `OPTIMODEL_NAMESPACES` | empty | comma-separated namespaces to watch; empty watches all |
 | `OPTIMODEL_PEERING` | `optimodel` | kopf peering name shared by operator replicas (a ClusterKopfPeering); empty: standalone |
 | `OPTIMODEL_BUILDER_TOLERATIONS` | `[{"key":"nvidia.com/gpu","operator":"Exists","effect":"NoSchedule"}]` | JSON list of tolerations for GPU builder and server pods |
-| `OPTIMODEL_BUILDER_TOOLCHAIN` | toolchain versions of the operator's own environment | JSON object of the builder image's versions (`{"onnx": "1.17.0", ...}`); part of every cache key |
+| `OPTIMODEL_BUILDER_TOOLCHAIN` | empty: the builder image reference | JSON object of the builder image's versions (`{"onnx": "1.17.0", ...}`); part of every cache key, and the builder refuses a request whose versions are not its own |
+| `OPTIMODEL_CPU_CLASS` | `portable` | instruction-set class of CPU engines: `portable` (7-bit INT8 weights, any x86-64 node) or `vnni` (8-bit, builder and server pods only on NFD-labelled VNNI nodes); part of the CPU cache key |
 | `OPTIMODEL_BUILDER_DEADLINE_SECONDS` | `7200` | builder Job `activeDeadlineSeconds` |
 | `OPTIMODEL_BUILDER_BACKOFF_LIMIT` | `1` | builder Job `backoffLimit` (retries of a failed pod) |
 | `OPTIMODEL_BUILDER_TTL_SECONDS` | `86400` | builder Job `ttlSecondsAfterFinished` |
@@ -42,9 +43,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from optimodel.cache_key import toolchain_versions
+from optimodel.cache_key import builder_toolchain
 from optimodel.storage import check_uri
-from optimodel.target import Target
+from optimodel.target import CPU_CLASS_NODE_LABELS, Target
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
@@ -63,8 +64,9 @@ class Settings:
     namespaces: tuple[str, ...] = ()
     peering: str = "optimodel"
     tolerations: tuple[dict, ...] = (GPU_TOLERATION,)
-    # None: measure the operator's own environment per target kind (cpu / gpu)
+    # None: the builder image reference stands for its toolchain (never the operator's own environment)
     toolchain: Mapping[str, str] | None = None
+    cpu_class: str = "portable"
     builder_deadline_seconds: int = 7200
     builder_backoff_limit: int = 1
     builder_ttl_seconds: int = 86400
@@ -77,9 +79,12 @@ class Settings:
     allow_file_uris: bool = False
 
     def toolchain_for(self, target: Target) -> dict[str, str]:
-        if self.toolchain is not None:
-            return dict(self.toolchain)
-        return toolchain_versions(target)
+        """The builder's toolchain as the cache key names it (the same for every target: one image)."""
+        return builder_toolchain(self.builder_image, dict(self.toolchain) if self.toolchain else None)
+
+    @property
+    def cpu_target(self) -> Target:
+        return Target(arch="cpu", cpu_class=self.cpu_class)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -126,6 +131,9 @@ class Settings:
             raise SettingsError(f"OPTIMODEL_STORE_URI={store}: a file:// store is not mounted into builder or "
                                 "server pods; use pvc://<claim>/<path>, s3:// or gs:// (or set "
                                 "OPTIMODEL_ALLOW_FILE_URIS=true where every pod sees the same filesystem)")
+        cpu_class = text("OPTIMODEL_CPU_CLASS", d.cpu_class)
+        if cpu_class not in CPU_CLASS_NODE_LABELS:
+            raise SettingsError(f"OPTIMODEL_CPU_CLASS={cpu_class!r} must be one of {', '.join(CPU_CLASS_NODE_LABELS)}")
         toolchain = blob("OPTIMODEL_BUILDER_TOOLCHAIN", None, dict)
         if toolchain is not None:
             toolchain = {str(k): str(v) for k, v in toolchain.items()}
@@ -139,6 +147,7 @@ class Settings:
             peering=env.get("OPTIMODEL_PEERING", d.peering).strip(),
             tolerations=tuple(blob("OPTIMODEL_BUILDER_TOLERATIONS", list(d.tolerations), list)),
             toolchain=toolchain,
+            cpu_class=cpu_class,
             builder_deadline_seconds=number("OPTIMODEL_BUILDER_DEADLINE_SECONDS", d.builder_deadline_seconds),
             builder_backoff_limit=number("OPTIMODEL_BUILDER_BACKOFF_LIMIT", d.builder_backoff_limit),
             builder_ttl_seconds=number("OPTIMODEL_BUILDER_TTL_SECONDS", d.builder_ttl_seconds),

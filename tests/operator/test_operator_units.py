@@ -159,6 +159,48 @@ def test_toolchain_and_max_batch_size_change_the_key_but_replicas_do_not():
     assert of(run(spec), CreateJob)[0].cache_key != base
 
 
+def test_key_follows_the_builder_image_and_the_cpu_class_and_never_the_operators_environment():
+    spec = model(targets={"gpuArchitectures": [], "cpu": True})["spec"]
+
+    def cpu_job(**settings):
+        d = decide(model=REF, raw_spec=spec, generation=1, status=None, fleet={}, observed=Observed(),
+                   settings=Settings(store_uri="file:///store", allow_file_uris=True, **settings),
+                   published=lambda uri: False, secret_exists=lambda name: True, now=NOW)
+        return of(d, CreateJob)[0]
+
+    image1, image2 = cpu_job(builder_image="reg/b:1"), cpu_job(builder_image="reg/b:2")
+    assert image1.cache_key != image2.cache_key
+    request = json.loads(image1.request["data"]["request.json"])
+    assert request["toolchain"] == {"builderImage": "reg/b:1"}
+    assert request["target"]["cpuClass"] == "portable"
+    # declared versions (the chart's builder.toolchain) are the key's toolchain, whatever the tag
+    assert cpu_job(builder_image="reg/b:1", toolchain=TOOLCHAIN).cache_key == \
+        cpu_job(builder_image="reg/b:2", toolchain=TOOLCHAIN).cache_key
+    portable, vnni = cpu_job(), cpu_job(cpu_class="vnni")
+    assert portable.cache_key != vnni.cache_key
+    # a vnni engine is built and served only on VNNI nodes; a portable one anywhere
+    assert "affinity" not in portable.job["spec"]["template"]["spec"]
+    terms = vnni.job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {t["matchExpressions"][0]["key"] for t in terms} == {
+        "feature.node.kubernetes.io/cpu-cpuid.AVX512VNNI", "feature.node.kubernetes.io/cpu-cpuid.AVXVNNI"}
+    vnni_settings = Settings(store_uri="file:///store", allow_file_uris=True, cpu_class="vnni")
+    dep = render.deployment(REF, reconcile.OptimizedModelSpec.model_validate(spec), vnni_settings.cpu_target,
+                            "file:///store/x", vnni.cache_key, vnni_settings)
+    assert dep["spec"]["template"]["spec"]["affinity"] == vnni.job["spec"]["template"]["spec"]["affinity"]
+    with pytest.raises(SettingsError, match="OPTIMODEL_CPU_CLASS"):
+        Settings.from_env({"OPTIMODEL_CPU_CLASS": "avx9000"})
+
+
+def test_two_products_of_one_arch_share_key_job_and_deployment():
+    other = Target(arch="sm80", product="NVIDIA-A100-PCIE-40GB")
+    a, b = of(run(fleet={"sm80": SM80}), CreateJob)[0], of(run(fleet={"sm80": other}), CreateJob)[0]
+    assert (a.name, a.cache_key) == (b.name, b.cache_key)
+    # the Job's node selector, like the Deployment's, names the architecture, not the product
+    assert a.job["spec"]["template"]["spec"]["nodeSelector"] == {
+        "nvidia.com/gpu.compute.major": "8", "nvidia.com/gpu.compute.minor": "0"}
+
+
 def _built_status(spec=None):
     """status and observed world of a model serving on sm80."""
     d = run(spec)

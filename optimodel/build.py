@@ -57,9 +57,10 @@ DETERMINISTIC_REASONS = frozenset({
     BuildReason.ACCURACY_GATE_FAILED, BuildReason.NOT_IMPLEMENTED, BuildReason.TOOLCHAIN_MISMATCH,
 })
 # Failures another attempt may not repeat: the operator retries these with backoff (a new Job).
+# BUILD_FAILED (anything else) is not here: an unknown failure is retried by the Job's own
+# backoffLimit, not by new Jobs.
 TRANSIENT_REASONS = frozenset({
-    BuildReason.FETCH_FAILED, BuildReason.PUBLISH_FAILED, BuildReason.BUILD_FAILED,
-    BuildReason.CPU_CLASS_MISMATCH, BuildReason.NO_GPU,
+    BuildReason.FETCH_FAILED, BuildReason.PUBLISH_FAILED, BuildReason.CPU_CLASS_MISMATCH, BuildReason.NO_GPU,
 })
 
 

@@ -1,8 +1,10 @@
 """`python -m optimodel_operator`: run the operator against the current kubeconfig or in-cluster config.
 
-Watches every namespace unless OPTIMODEL_NAMESPACES lists some; replicas
-coordinate through kopf peering (OPTIMODEL_PEERING names the ClusterKopfPeering,
-or the KopfPeering in each watched namespace). kopf has no leader election: it
+Watches every namespace unless OPTIMODEL_NAMESPACES lists some. Standalone by
+default; replicas coordinate through kopf peering when OPTIMODEL_PEERING names the
+ClusterKopfPeering (or the KopfPeering in each watched namespace), and the start
+refuses to run (exit 2, an ERROR naming the missing object and CRD) when it is absent,
+because kopf would otherwise pause every watch in silence. kopf has no leader election: it
 pauses every operator but the one of the highest priority, and pauses *all* of
 them when priorities tie. So each process takes a random priority (or
 OPTIMODEL_PEERING_PRIORITY): one replica acts, the others stand by and resume
@@ -31,6 +33,22 @@ def main() -> int:
     level = os.environ.get("OPTIMODEL_LOG_LEVEL", "INFO").upper()
     kopf.configure(verbose=level == "DEBUG", log_format=kopf.LogFormat.PLAIN)
     logging.getLogger().setLevel(getattr(logging, level, logging.INFO))
+    log = logging.getLogger("optimodel_operator")
+    if cfg.peering:
+        from optimodel_operator.kube import Kube
+        from optimodel_operator.peering import peering_problem
+
+        kube = Kube()
+        try:
+            problem = peering_problem(kube, cfg.peering, cfg.namespaces)
+        finally:
+            kube.close()
+        if problem:
+            print(f"optimodel-operator: ERROR: {problem}", file=sys.stderr)
+            return 2
+        log.info("kopf peering %s: this replica acts only while it has the highest priority", cfg.peering)
+    else:
+        log.warning("running standalone (OPTIMODEL_PEERING is empty): run one replica only")
     import optimodel_operator.handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(

@@ -26,11 +26,12 @@ from optimodel_operator import discovery, render
 from optimodel_operator import status as cond
 from optimodel_operator.kube import Kube, KubeError, collection_path, object_path
 from optimodel_operator.reconcile import (Apply, CreateJob, DeleteJob, DeploymentView, Event, JobView, Observed,
-                                          Scale, decide, status_changed)
+                                          Scale, decide, is_quota, status_changed)
 from optimodel_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 RECENT_SECONDS = 60.0  # how long a write the watch has not shown yet is trusted
+API_RETRY_SECONDS = 0.5  # first requeue after a failed reconcile, doubling up to the resync period
 OM_API = f"{API_GROUP}/{API_VERSION}"
 # status fields only this operator writes; the rest (Tuned, serving metrics) belongs to the tuner
 OWNED_STATUS = ("observedGeneration", "engines")
@@ -57,6 +58,9 @@ class Controller:
         self.seen_generation: dict[str, int | None] = {}
         self.reconciles = 0
         self.tuned: dict[str, dict] = {}  # uid -> the Tuned condition the tuner wrote last (watch may lag)
+        self.refused: dict[tuple, dict[str, str]] = {}  # (ns, model) -> child name -> quota refusal
+        self.failures: dict[tuple, int] = {}  # consecutive failed reconciles per model (backoff)
+        self.timers: dict[tuple, threading.Timer] = {}  # requeue-after per model
 
     # ---- scheduling -------------------------------------------------------------------
     def trigger(self, namespace: str, name: str) -> None:
@@ -76,9 +80,37 @@ class Controller:
             with self.queued_lock:
                 self.queued.discard(key)
             try:
-                self.reconcile(*key)
-            except Exception:
-                log.exception("reconcile of %s/%s failed; the next trigger or resync retries", *key)
+                requeue = self.reconcile(*key)
+            except Exception as exc:
+                failures = self.failures.get(key, 0) + 1
+                self.failures[key] = failures
+                delay = min(API_RETRY_SECONDS * 2 ** (failures - 1), self.settings.resync_seconds)
+                log.warning("reconcile of %s/%s failed (%s); again in %.1f s", *key, exc, delay,
+                            exc_info=not isinstance(exc, KubeError))
+                self.requeue(key, delay)
+                return
+            self.failures.pop(key, None)
+            if requeue is not None:
+                self.requeue(key, requeue)
+
+    def requeue(self, key: tuple, delay: float) -> None:
+        """Look at this model again after delay seconds (the earliest asked for wins)."""
+        due = time.monotonic() + delay
+        with self.queued_lock:
+            timer = self.timers.get(key)
+            if timer is not None and timer.due <= due and timer.is_alive():
+                return
+            if timer is not None:
+                timer.cancel()
+            timer = threading.Timer(delay, self._requeued, (key,))
+            timer.due, timer.daemon = due, True
+            self.timers[key] = timer
+        timer.start()
+
+    def _requeued(self, key: tuple) -> None:
+        with self.queued_lock:
+            self.timers.pop(key, None)
+        self.trigger(*key)
 
     async def resync_forever(self) -> None:
         while True:
@@ -96,6 +128,9 @@ class Controller:
         return changed
 
     def close(self) -> None:
+        with self.queued_lock:
+            for timer in self.timers.values():
+                timer.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.kube.close()
 
@@ -140,6 +175,7 @@ class Controller:
                 self.recent.pop(("Deployment", ns, dname), None)  # the watch caught up
             else:
                 obs.deployments[mine.arch] = mine
+        obs.refused = dict(self.refused.get((ns, name), {}))
         obs.service_hash = first(idx["service_index"].get((ns, name), ()))
         obs.batching_json = first(idx["batching_index"].get((ns, name), ()))
         mine = self.recent_of("Service", ns, model.uid).get(render.service_name(name))
@@ -186,10 +222,12 @@ class Controller:
         return self.kube.get(object_path("v1", "secrets", namespace, name)) is not None
 
     # ---- the reconcile ------------------------------------------------------------------
-    def reconcile(self, namespace: str, name: str) -> None:
+    def reconcile(self, namespace: str, name: str) -> float | None:
+        """One pass; returns seconds after which to look again (a retry due), or None.
+        Raises KubeError when an action failed, so the caller requeues with backoff."""
         body = first(self.indexes["om_index"].get((namespace, name), ()))
         if body is None or body["metadata"].get("deletionTimestamp"):
-            return  # gone or going: ownerReferences let the garbage collector take the children
+            return None  # gone or going: ownerReferences let the garbage collector take the children
         self.reconciles += 1
         if self.fleet is None:
             self.update_fleet()
@@ -199,13 +237,21 @@ class Controller:
         decision = decide(model=model, raw_spec=body.get("spec"), generation=generation, status=status,
                           fleet=self.fleet or {}, observed=self.observe(model), settings=self.settings,
                           published=self.is_published, secret_exists=lambda s: self.secret_exists(namespace, s),
-                          now=cond.now_iso())
+                          now=cond.now_iso(),
+                          rebuild=(body["metadata"].get("annotations") or {}).get(render.A_REBUILD))
+        failed: KubeError | None = None
+        refused = self.refused.setdefault((namespace, name), {})
         for action in decision.actions:
+            child = _child_name(action)
             try:
                 self.act(model, action)
+                refused.pop(child, None)
             except KubeError as exc:
+                if exc.status == 403 and is_quota(exc.message):
+                    refused[child] = exc.message  # the next pass reports QuotaExceeded with this message
                 log.warning("%s/%s: %s failed: %s", namespace, name, type(action).__name__, exc)
                 decision.events.append(_api_error(action, exc))
+                failed = failed or exc
         if status_changed(status, decision.status):
             path = object_path(OM_API, PLURAL, namespace, name, "status")
             try:
@@ -216,6 +262,9 @@ class Controller:
                     raise
         for event in decision.events:
             self.post_event(model, event)
+        if failed is not None:
+            raise failed
+        return decision.requeue_after
 
     def act(self, model: render.ModelRef, action) -> None:
         ns = model.namespace
@@ -261,6 +310,10 @@ class Controller:
         except KubeError as exc:
             log.debug("event %s not posted: %s", event.reason, exc)
 
+
+
+def _child_name(action) -> str:
+    return action.obj["metadata"]["name"] if isinstance(action, Apply) else action.name
 
 
 def _api_error(action, exc: KubeError) -> Event:

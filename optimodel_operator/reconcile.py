@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Callable, Mapping
 
 from pydantic import ValidationError
 
 from optimodel.artifact import artifact_uri
-from optimodel.build import BuildResult
+from optimodel.build import TRANSIENT_REASONS, BuildResult
 from optimodel.cache_key import cache_key, canonical_options, model_digest
 from optimodel.spec import EngineStatus, OptimizedModelSpec
 from optimodel.target import Target
@@ -110,20 +111,28 @@ class DeploymentView:
     replicas: int
     available: bool  # rolled out: every pod runs the current template and is available
     stuck: str | None = None  # the Progressing condition's message when the progress deadline passed
+    quota: str | None = None  # ReplicaFailure's message when a ResourceQuota refused its pods
 
     @classmethod
     def from_deployment(cls, dep: Mapping) -> "DeploymentView":
         meta, spec, status = dep.get("metadata") or {}, dep.get("spec") or {}, dep.get("status") or {}
         ann = meta.get("annotations") or {}
         replicas = spec.get("replicas", 1)
-        stuck = None
+        stuck = quota = None
         for c in status.get("conditions") or []:
             if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
                 stuck = c.get("message") or "the Deployment exceeded its progress deadline"
+            if c.get("type") == "ReplicaFailure" and c.get("status") == "True" and is_quota(c.get("message")):
+                quota = c.get("message")
         return cls(name=meta.get("name", ""), arch=(meta.get("labels") or {}).get(render.L_ARCH, ""),
                    artifact_uri=ann.get(render.A_ARTIFACT, ""), cache_key=ann.get(render.A_KEY, ""),
                    config_hash=ann.get(render.A_HASH, ""), replicas=replicas,
-                   available=rolled_out(meta, replicas, status), stuck=stuck)
+                   available=rolled_out(meta, replicas, status), stuck=stuck, quota=quota)
+
+
+def is_quota(message: str | None) -> bool:
+    """A ResourceQuota's refusal, as the API server words it ('exceeded quota: <name>, requested: ...')."""
+    return "exceeded quota" in (message or "")
 
 
 def rolled_out(meta: Mapping, replicas: int, status: Mapping) -> bool:
@@ -143,6 +152,7 @@ class Observed:
     deployments: dict[str, DeploymentView] = field(default_factory=dict)  # by arch
     service_hash: str | None = None  # None: no Service yet
     batching_json: str | None = None  # None: no ConfigMap yet
+    refused: dict[str, str] = field(default_factory=dict)  # child name -> the quota's refusal of its last write
 
 
 # ---- what to do ----------------------------------------------------------------
@@ -187,6 +197,77 @@ class Decision:
     status: dict = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     valid: bool = True
+    requeue_after: float | None = None  # seconds until a retry is due: look again then
+
+
+# ---- retries of failed builds ------------------------------------------------------
+
+@dataclass(frozen=True)
+class RetryPlan:
+    retry_now: "Tries | None" = None  # the attempt to start now, or None
+    manual: bool = False
+    tries: "Tries | None" = None  # what to record when not retrying now
+    retry_at: str | None = None
+    requeue_after: float | None = None
+
+    def stamp(self, engine: dict) -> dict:
+        out = self.tries.stamp(engine) if self.tries else dict(engine)
+        if self.retry_at:
+            out["retryAt"] = self.retry_at
+            out["message"] = f"{out.get('message', '')} (retry at {self.retry_at})"[:1000]
+        return out
+
+
+@dataclass(frozen=True)
+class Tries:
+    """Attempts at one cache key: each retry is a new Job (name suffix -r<attempt>), so a failed
+    Job keeps its pods and logs and a retry never races the deletion of the one before."""
+    attempt: int = 0  # the Job of this key now: 0 first, +1 per retry
+    retries: int = 0  # automatic retries since the last manual one
+    rebuild: str | None = None  # the last optimodel.io/rebuild value honoured
+
+    FIELDS = ("attempt", "retries", "rebuild", "retryAt")
+
+    @classmethod
+    def of(cls, old: Mapping, key: str) -> "Tries":
+        same = old.get("cacheKey") == key
+        return cls(attempt=int(old.get("attempt") or 0) if same else 0,
+                   retries=int(old.get("retries") or 0) if same else 0, rebuild=old.get("rebuild"))
+
+    def stamp(self, engine: dict) -> dict:
+        out = {k: v for k, v in engine.items() if k not in self.FIELDS}
+        if self.attempt:
+            out["attempt"] = self.attempt
+        if self.retries:
+            out["retries"] = self.retries
+        if self.rebuild is not None:
+            out["rebuild"] = self.rebuild
+        return out
+
+    def after_failure(self, transient: bool, rebuild: str | None, old: Mapping, settings: Settings,
+                      now: str) -> RetryPlan:
+        """A new rebuild annotation value retries once at once; a transient failure retries with
+        exponential backoff up to settings.build_retries times; a deterministic one waits for a new key."""
+        if rebuild and rebuild != self.rebuild:
+            return RetryPlan(retry_now=Tries(self.attempt + 1, 0, rebuild), manual=True)
+        if not transient or self.retries >= settings.build_retries:
+            return RetryPlan(tries=self)
+        due = old.get("retryAt") if old.get("attempt", 0) == self.attempt and old.get("retryAt") else None
+        if due is None:
+            delay = settings.build_retry_seconds * 2 ** self.retries
+            due = _iso(_parse(now) + timedelta(seconds=delay))
+        wait = (_parse(due) - _parse(now)).total_seconds()
+        if wait <= 0:
+            return RetryPlan(retry_now=Tries(self.attempt + 1, self.retries + 1, self.rebuild))
+        return RetryPlan(tries=self, retry_at=due, requeue_after=wait)
+
+
+def _parse(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ---- spec validation -------------------------------------------------------------
@@ -283,7 +364,9 @@ def _engine(target: Target, state: str, key: str, **kw) -> dict:
 
 def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int | None, status: Mapping | None,
            fleet: Mapping[str, Target], observed: Observed, settings: Settings,
-           published: Callable[[str], bool], secret_exists: Callable[[str], bool], now: str) -> Decision:
+           published: Callable[[str], bool], secret_exists: Callable[[str], bool], now: str,
+           rebuild: str | None = None) -> Decision:
+    """rebuild: the model's optimodel.io/rebuild annotation (a new value retries failed builds once)."""
     status = status or {}
     old_conditions = status.get("conditions") or []
     prev = {e.get("arch"): e for e in status.get("engines") or []}
@@ -307,19 +390,22 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
 
     targets, missing = desired_targets(spec.targets.gpu_architectures, spec.targets.cpu, fleet, settings.cpu_target)
     keys = target_keys(spec, targets, settings)
-    current_jobs = {render.job_name(model.name, t, keys[a]) for a, t in targets.items()}
+    tries = {arch: Tries.of(prev.get(arch) or {}, keys[arch]) for arch in targets}
+    current_jobs = {render.job_name(model.name, t, keys[a], tries[a].attempt) for a, t in targets.items()}
     engines: dict[str, dict] = {}
     secret_checked: dict[str, bool] = {}
 
     for arch, target in targets.items():
         key = keys[arch]
         uri = artifact_uri(settings.store_uri, model.namespace, model.name, key)
-        jname = render.job_name(model.name, target, key)
+        tried = tries[arch]
+        jname = render.job_name(model.name, target, key, tried.attempt)
         job = observed.jobs.get(jname)
         pods = observed.pods.get(jname, [])
         old = prev.get(arch) or {}
         same = old.get("cacheKey") == key
         common = dict(artifact_uri=uri, precision=spec.optimization.precision, job_name=jname if job else None)
+        transient = False  # a failure another attempt may not repeat (retried with backoff)
 
         if same and old.get("state") == "Ready":
             # the pod's result may arrive after the engine turned Ready (published first)
@@ -334,17 +420,22 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
             else:
                 engines[arch] = _engine(target, "Failed", key, reason="ArtifactMissing",
                                         message=f"Job {jname} succeeded but {uri} has no verified manifest", **common)
-                out.events.append(Event("Warning", "ArtifactMissing", engines[arch]["message"]))
+                transient = True  # the store lost or has not shown the artifact yet
+                if not (same and old.get("reason") == "ArtifactMissing"):
+                    out.events.append(Event("Warning", "ArtifactMissing", engines[arch]["message"]))
         elif job is not None and job.state == "Failed":
             result = _result(pods)
             waiting = next((p for p in pods if p.waiting_reason in IMAGE_PULL_REASONS), None)
             if result is not None and result.state == "Failed":
                 reason, message = result.reason.value, result.message
+                transient = result.reason in TRANSIENT_REASONS
             elif waiting is not None:
                 reason, message = "BuilderImagePullFailed", f"{waiting.waiting_reason}: {waiting.waiting_message or ''}"
             else:
                 reason = JOB_FAILURE_REASONS.get(job.reason or "", "BuildFailed")
                 message = job.message or _log_tail(pods) or "the builder failed without a result"
+                # pods that died without answering (evicted, OOM-killed, node lost) may pass on another node
+                transient = job.reason == "BackoffLimitExceeded"
             engines[arch] = _engine(target, "Failed", key, reason=reason, message=message[:1000],
                                     accuracy=result.accuracy if result else None, **common)
             if not (same and old.get("state") == "Failed" and old.get("reason") == reason):
@@ -375,29 +466,64 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
             if reason != "Building" and old.get("reason") != reason:
                 out.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
         elif same and old.get("state") == "Failed":
-            engines[arch] = old  # stop: a failed key is not rebuilt until the spec changes it
+            # a failed key is not rebuilt until the spec changes it, a rebuild annotation asks, or its
+            # transient failure's retry is due (retryAt is set only for those)
+            engines[arch] = {k: v for k, v in old.items() if k not in Tries.FIELDS}
+            transient = bool(old.get("retryAt"))
         else:
-            secret = spec.model.credentials_secret
-            if secret and secret not in secret_checked:
-                secret_checked[secret] = secret_exists(secret)
-            if secret and not secret_checked[secret]:
-                message = f"Secret '{secret}' (spec.model.credentialsSecret) not found in namespace {model.namespace}"
-                engines[arch] = _engine(target, "Pending", key, reason="SecretMissing", message=message,
-                                        artifact_uri=uri, precision=spec.optimization.precision)
-                if old.get("reason") != "SecretMissing":
-                    out.events.append(Event("Warning", "SecretMissing", message))
+            engines[arch] = None  # type: ignore[assignment]
+
+        if engines[arch] is not None and engines[arch]["state"] == "Failed":
+            plan = tried.after_failure(transient, rebuild, old if same else {}, settings, now)
+            if plan.retry_now is None:
+                engines[arch] = plan.stamp(engines[arch])
+                if plan.requeue_after is not None:
+                    out.requeue_after = min(out.requeue_after or plan.requeue_after, plan.requeue_after)
                 continue
-            request = render.build_request(model, spec, target, key, uri, settings.toolchain_for(target))
-            out.actions.append(CreateJob(
-                name=jname, arch=arch, cache_key=key,
-                job=render.builder_job(model, spec, target, key, jname, settings, generation),
-                request=render.request_configmap(model, jname, request, target)))
-            engines[arch] = _engine(target, "Building", key, reason="Building",
-                                    message=f"building in Job {jname}", **{**common, "job_name": jname})
-            if same and old.get("state") == "Building" and old.get("jobName") == jname:
-                out.events.append(Event("Warning", "BuildJobMissing", f"{arch}: Job {jname} disappeared; recreated it"))
-            else:
-                out.events.append(Event("Normal", "BuildStarted", f"{arch}: Job {jname} builds engine {key}"))
+            tried = plan.retry_now
+            why = ("optimodel.io/rebuild asked for a rebuild" if plan.manual
+                   else f"retry {tried.retries} of {settings.build_retries} after a transient failure")
+            out.events.append(Event("Normal", "BuildRetried", f"{arch}: {why} ({engines[arch].get('reason')})"))
+            jname = render.job_name(model.name, target, key, tried.attempt)
+            current_jobs.add(jname)
+            if jname in observed.jobs:  # the retry's Job exists already (a restart mid-retry)
+                engines[arch] = tried.stamp(_engine(target, "Building", key, reason="Building",
+                                                    message=f"building in Job {jname}",
+                                                    **{**common, "job_name": jname}))
+                continue
+        elif engines[arch] is not None:
+            engines[arch] = tried.stamp(engines[arch])
+            continue
+
+        secret = spec.model.credentials_secret
+        if secret and secret not in secret_checked:
+            secret_checked[secret] = secret_exists(secret)
+        if secret and not secret_checked[secret]:
+            message = f"Secret '{secret}' (spec.model.credentialsSecret) not found in namespace {model.namespace}"
+            engines[arch] = _engine(target, "Pending", key, reason="SecretMissing", message=message,
+                                    artifact_uri=uri, precision=spec.optimization.precision)
+            if old.get("reason") != "SecretMissing":
+                out.events.append(Event("Warning", "SecretMissing", message))
+            continue
+        if jname in observed.refused:  # a ResourceQuota refused the Job: say so, and try again
+            engines[arch] = tried.stamp(_engine(target, "Pending", key, reason="QuotaExceeded",
+                                                message=observed.refused[jname][:1000], artifact_uri=uri,
+                                                precision=spec.optimization.precision))
+            if old.get("reason") != "QuotaExceeded":
+                out.events.append(Event("Warning", "QuotaExceeded", f"{arch}: {observed.refused[jname][:500]}"))
+        request = render.build_request(model, spec, target, key, uri, settings.toolchain_for(target))
+        out.actions.append(CreateJob(
+            name=jname, arch=arch, cache_key=key,
+            job=render.builder_job(model, spec, target, key, jname, settings, generation),
+            request=render.request_configmap(model, jname, request, target)))
+        if jname in observed.refused:
+            continue
+        engines[arch] = tried.stamp(_engine(target, "Building", key, reason="Building",
+                                            message=f"building in Job {jname}", **{**common, "job_name": jname}))
+        if same and old.get("state") == "Building" and old.get("jobName") == jname:
+            out.events.append(Event("Warning", "BuildJobMissing", f"{arch}: Job {jname} disappeared; recreated it"))
+        elif tried.attempt == 0:
+            out.events.append(Event("Normal", "BuildStarted", f"{arch}: Job {jname} builds engine {key}"))
 
     # Builds nobody wants any more hold a GPU for nothing: stop them.
     for job in observed.jobs.values():
@@ -467,7 +593,11 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
     # ---- conditions -----------------------------------------------------------------
     built = _built_condition(targets, engines, missing)
     gate = _gate_condition(spec, targets, engines)
-    serving = _serving_condition(serving_plan, observed, pending_rollout, spec.serving.replicas)
+    refused = {arch: observed.refused.get(render.deployment_name(model.name, arch))
+               or (observed.deployments[arch].quota if arch in observed.deployments else None)
+               for arch in serving_plan}
+    serving = _serving_condition(serving_plan, observed, pending_rollout, spec.serving.replicas,
+                                 {a: m for a, m in refused.items() if m})
     conds = [cond.ready_summary(built, gate, serving), built, gate, serving]
     new_status = {
         "observedGeneration": generation,
@@ -542,9 +672,14 @@ def _gate_condition(spec: OptimizedModelSpec, targets: Mapping[str, Target], eng
     return cond.condition("AccuracyGatePassed", None, "Building", "waiting for builds")
 
 
-def _serving_condition(plan: Mapping[str, tuple], observed: Observed, pending: set[str], replicas: int) -> dict:
+def _serving_condition(plan: Mapping[str, tuple], observed: Observed, pending: set[str], replicas: int,
+                       refused: Mapping[str, str]) -> dict:
+    """refused: arch -> a ResourceQuota's refusal of its Deployment or of the Deployment's pods."""
     if not plan:
         return cond.condition("Serving", False, "NoEngine", "no engine is built yet")
+    quota = [(a, m) for a, m in refused.items() if a in plan and m]
+    if quota:
+        return cond.condition("Serving", False, "QuotaExceeded", "; ".join(f"{a}: {m}" for a, m in quota)[:1000])
     if replicas == 0:
         return cond.condition("Serving", True, "ScaledToZero", "spec.serving.replicas is 0")
     stuck = [(a, observed.deployments[a].stuck) for a in plan

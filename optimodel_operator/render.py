@@ -34,6 +34,7 @@ A_ARTIFACT = "optimodel.io/artifact-uri"
 A_KEY = "optimodel.io/cache-key"
 A_HASH = "optimodel.io/config-hash"
 A_GENERATION = "optimodel.io/generation"
+A_REBUILD = "optimodel.io/rebuild"  # on the OptimizedModel: a new value retries its failed builds once
 
 BUILDER, SERVER, BATCHING, REQUEST, SERVICE = "builder", "server", "batching", "build-request", "service"
 PORT = 8080
@@ -72,9 +73,10 @@ def child_name(*parts: str, limit: int = 63) -> str:
     return f"{full[:limit - 9].rstrip('-')}-{digest}"
 
 
-def job_name(model: str, target: Target, key: str) -> str:
-    # the key in the name makes a second Job for the same key an AlreadyExists, never a duplicate
-    return child_name(model, "build", target.arch, key[:10])
+def job_name(model: str, target: Target, key: str, attempt: int = 0) -> str:
+    # the key in the name makes a second Job for the same key an AlreadyExists, never a duplicate;
+    # a retry (rebuild annotation, transient failure) is a new attempt with its own name
+    return child_name(model, "build", target.arch, key[:10], f"r{attempt}" if attempt else "")
 
 
 def deployment_name(model: str, arch: str) -> str:

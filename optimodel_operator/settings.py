@@ -8,13 +8,15 @@
 | `OPTIMODEL_IMAGE_PULL_POLICY` | `IfNotPresent` | pull policy of both images |
 | `OPTIMODEL_PROMETHEUS_URL` | empty | Prometheus base URL for the tuner (empty: no tuning) |
 | `OPTIMODEL_NAMESPACES` | empty | comma-separated namespaces to watch; empty watches all |
-| `OPTIMODEL_PEERING` | `optimodel` | kopf peering name shared by operator replicas (a ClusterKopfPeering); empty: standalone |
+| `OPTIMODEL_PEERING` | empty: standalone | kopf peering name shared by operator replicas (a ClusterKopfPeering, or a KopfPeering per watched namespace); the operator exits 2 with an ERROR when it does not exist |
 | `OPTIMODEL_BUILDER_TOLERATIONS` | `[{"key":"nvidia.com/gpu","operator":"Exists","effect":"NoSchedule"}]` | JSON list of tolerations for GPU builder and server pods |
 | `OPTIMODEL_BUILDER_TOOLCHAIN` | empty: the builder image reference | JSON object of the builder image's versions (`{"onnx": "1.17.0", ...}`); part of every cache key, and the builder refuses a request whose versions are not its own |
 | `OPTIMODEL_CPU_CLASS` | `portable` | instruction-set class of CPU engines: `portable` (7-bit INT8 weights, any x86-64 node) or `vnni` (8-bit, builder and server pods only on NFD-labelled VNNI nodes); part of the CPU cache key |
 | `OPTIMODEL_BUILDER_DEADLINE_SECONDS` | `7200` | builder Job `activeDeadlineSeconds` |
 | `OPTIMODEL_BUILDER_BACKOFF_LIMIT` | `1` | builder Job `backoffLimit` (retries of a failed pod) |
 | `OPTIMODEL_BUILDER_TTL_SECONDS` | `86400` | builder Job `ttlSecondsAfterFinished` |
+| `OPTIMODEL_BUILD_RETRIES` | `3` | new Jobs for a build that failed for a transient reason (store unreachable, pods evicted); deterministic failures are never retried |
+| `OPTIMODEL_BUILD_RETRY_SECONDS` | `30` | backoff before the first such retry, doubling for each next one |
 | `OPTIMODEL_BUILDER_RESOURCES` | `{"requests":{"cpu":"2","memory":"8Gi"}}` | JSON resources of the builder container (a GPU is added per target) |
 | `OPTIMODEL_SERVICE_ACCOUNT` | empty | service account of builder and server pods (workload identity for the store) |
 | `OPTIMODEL_PVC_ROOT` | `/mnt/pvc` | where pods (and the operator) mount `pvc://<claim>` stores |
@@ -62,7 +64,7 @@ class Settings:
     image_pull_policy: str = "IfNotPresent"
     prometheus_url: str = ""
     namespaces: tuple[str, ...] = ()
-    peering: str = "optimodel"
+    peering: str = ""
     tolerations: tuple[dict, ...] = (GPU_TOLERATION,)
     # None: the builder image reference stands for its toolchain (never the operator's own environment)
     toolchain: Mapping[str, str] | None = None
@@ -70,6 +72,8 @@ class Settings:
     builder_deadline_seconds: int = 7200
     builder_backoff_limit: int = 1
     builder_ttl_seconds: int = 86400
+    build_retries: int = 3
+    build_retry_seconds: float = 30.0
     builder_resources: Mapping[str, Any] = field(
         default_factory=lambda: {"requests": {"cpu": "2", "memory": "8Gi"}})
     service_account: str = ""
@@ -151,6 +155,8 @@ class Settings:
             builder_deadline_seconds=number("OPTIMODEL_BUILDER_DEADLINE_SECONDS", d.builder_deadline_seconds),
             builder_backoff_limit=number("OPTIMODEL_BUILDER_BACKOFF_LIMIT", d.builder_backoff_limit),
             builder_ttl_seconds=number("OPTIMODEL_BUILDER_TTL_SECONDS", d.builder_ttl_seconds),
+            build_retries=number("OPTIMODEL_BUILD_RETRIES", d.build_retries),
+            build_retry_seconds=number("OPTIMODEL_BUILD_RETRY_SECONDS", d.build_retry_seconds, float),
             builder_resources=blob("OPTIMODEL_BUILDER_RESOURCES", d.builder_resources, dict),
             service_account=text("OPTIMODEL_SERVICE_ACCOUNT", ""),
             pvc_root=text("OPTIMODEL_PVC_ROOT", d.pvc_root),

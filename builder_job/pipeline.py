@@ -246,7 +246,11 @@ def prune_stage(request: BuildRequest, s: _State) -> None:
     # the unpruned model stays as it is: the teacher for distillation and the gate's reference
     student = copy.deepcopy(s.original)
     try:
-        result = prune_model(student, args, ratio=pruning.ratio, method=pruning.method, round_to=8)
+        data = None
+        if pruning.method == "taylor" and _any_data(s) is not None:
+            batch = example_inputs(request.source.inputs, batch=64, data=_any_data(s))
+            data = tuple(torch.from_numpy(batch[t.name]) for t in request.source.inputs)
+        result = prune_model(student, args, ratio=pruning.ratio, method=pruning.method, round_to=8, data=data)
     except BuildError:
         raise
     except Exception as exc:

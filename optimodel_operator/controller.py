@@ -272,6 +272,8 @@ class Controller:
             # the Job first: its request ConfigMap is owned by it (a pod waits for the mount meanwhile)
             created = self.kube.create(action.job)
             job = created or self.kube.get(object_path("batch/v1", "jobs", ns, action.name))
+            if job is None:  # it existed a moment ago and is gone (deleted meanwhile): try again soon
+                raise KubeError(409, "Conflict", f"Job {action.name} already existed and is gone now")
             if job is not None:
                 request = render.owned_by_job(action.request, job)
                 if self.kube.create(request) is None:

@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 
 from pydantic import ValidationError
 
-from optimodel.artifact import artifact_uri
+from optimodel.artifact import artifact_uri, timing_cache_uri
 from optimodel.build import TRANSIENT_REASONS, BuildResult
 from optimodel.cache_key import cache_key, canonical_options, model_digest
 from optimodel.spec import EngineStatus, OptimizedModelSpec
@@ -511,7 +511,9 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
                                                 precision=spec.optimization.precision))
             if old.get("reason") != "QuotaExceeded":
                 out.events.append(Event("Warning", "QuotaExceeded", f"{arch}: {observed.refused[jname][:500]}"))
-        request = render.build_request(model, spec, target, key, uri, settings.toolchain_for(target))
+        request = render.build_request(model, spec, target, key, uri, settings.toolchain_for(target),
+                                       timing_cache=timing_cache_uri(settings.store_uri, arch, settings.tensorrt_version())
+                                       if target.kind == "gpu" else None)
         out.actions.append(CreateJob(
             name=jname, arch=arch, cache_key=key,
             job=render.builder_job(model, spec, target, key, jname, settings, generation),

@@ -153,6 +153,20 @@ def cpu_class_affinity(target: Target) -> dict | None:
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
 
 
+def with_limits(resources) -> dict:
+    """Requests and limits for cpu and memory, so a namespace's ResourceQuota (which refuses pods
+    without them when it caps limits) and LimitRange apply: a missing limit is its request, a
+    missing request its limit (what the API server defaults it to anyway)."""
+    out = json.loads(json.dumps(dict(resources or {})))
+    requests, limits = out.setdefault("requests", {}), out.setdefault("limits", {})
+    for name in ("cpu", "memory"):
+        if name in requests and name not in limits:
+            limits[name] = requests[name]
+        elif name in limits and name not in requests:
+            requests[name] = limits[name]
+    return out
+
+
 def _pod_common(settings: Settings, target: Target) -> dict:
     pod: dict = {"securityContext": dict(RESTRICTED_POD)}
     selector = node_selector(target)
@@ -178,9 +192,10 @@ def _env(spec: OptimizedModelSpec, settings: Settings) -> tuple[list[dict], list
 
 
 def build_request(model: ModelRef, spec: OptimizedModelSpec, target: Target, key: str, artifact: str,
-                  toolchain: dict[str, str] | None = None) -> BuildRequest:
+                  toolchain: dict[str, str] | None = None, timing_cache: str | None = None) -> BuildRequest:
     return BuildRequest(namespace=model.namespace, model_name=model.name, source=spec.model,
                         optimization=spec.optimization, target=target, toolchain=toolchain or {},
+                        timing_cache_uri=timing_cache,
                         max_batch_size=spec.serving.max_batch_size, cache_key=key, artifact_uri=artifact)
 
 
@@ -215,7 +230,7 @@ def builder_job(model: ModelRef, spec: OptimizedModelSpec, target: Target, key: 
     volumes, mounts = _storage_mounts(pvc_claims(spec, settings.store_uri), settings, read_only=False)
     volumes.append({"name": "request", "configMap": {"name": name}})
     mounts.append({"name": "request", "mountPath": REQUEST_DIR, "readOnly": True})
-    resources = json.loads(json.dumps(dict(settings.builder_resources)))
+    resources = with_limits(settings.builder_resources)
     if target.kind == "gpu":
         resources.setdefault("limits", {})[GPU_RESOURCE] = 1
     container = {
@@ -277,9 +292,7 @@ def deployment(model: ModelRef, spec: OptimizedModelSpec, target: Target, artifa
     volumes, mounts = _storage_mounts(pvc_claims(spec, settings.store_uri), settings, read_only=True)
     volumes.append({"name": "batching", "configMap": {"name": batching_name(model.name)}})
     mounts.append({"name": "batching", "mountPath": BATCHING_DIR, "readOnly": True})
-    resources = {}
-    if spec.serving.resources:
-        resources = spec.serving.resources.wire()
+    resources = with_limits(spec.serving.resources.wire() if spec.serving.resources else settings.server_resources)
     if target.kind == "gpu":
         resources.setdefault("limits", {})[GPU_RESOURCE] = 1
     probe = lambda path, delay: {"httpGet": {"path": path, "port": "http"}, "initialDelaySeconds": delay,

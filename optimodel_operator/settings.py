@@ -17,7 +17,8 @@
 | `OPTIMODEL_BUILDER_TTL_SECONDS` | `86400` | builder Job `ttlSecondsAfterFinished` |
 | `OPTIMODEL_BUILD_RETRIES` | `3` | new Jobs for a build that failed for a transient reason (store unreachable, pods evicted); deterministic failures are never retried |
 | `OPTIMODEL_BUILD_RETRY_SECONDS` | `30` | backoff before the first such retry, doubling for each next one |
-| `OPTIMODEL_BUILDER_RESOURCES` | `{"requests":{"cpu":"2","memory":"8Gi"}}` | JSON resources of the builder container (a GPU is added per target) |
+| `OPTIMODEL_BUILDER_RESOURCES` | `{"requests":{"cpu":"2","memory":"8Gi"},"limits":{"cpu":"4","memory":"16Gi"}}` | JSON resources of the builder container (a GPU is added per target; a missing limit is its request) |
+| `OPTIMODEL_SERVER_RESOURCES` | `{"requests":{"cpu":"1","memory":"1Gi"},"limits":{"cpu":"2","memory":"2Gi"}}` | JSON resources of server containers when `spec.serving.resources` is unset (a missing limit is its request) |
 | `OPTIMODEL_SERVICE_ACCOUNT` | empty | service account of builder and server pods (workload identity for the store) |
 | `OPTIMODEL_PVC_ROOT` | `/mnt/pvc` | where pods (and the operator) mount `pvc://<claim>` stores |
 | `OPTIMODEL_RESYNC_SECONDS` | `60` | period of the per-model reconcile timer (fleet and child drift) |
@@ -40,6 +41,7 @@ anything else should use `pvc://`, `s3://`, `gs://` or `http(s)://`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -75,7 +77,9 @@ class Settings:
     build_retries: int = 3
     build_retry_seconds: float = 30.0
     builder_resources: Mapping[str, Any] = field(
-        default_factory=lambda: {"requests": {"cpu": "2", "memory": "8Gi"}})
+        default_factory=lambda: {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "4", "memory": "16Gi"}})
+    server_resources: Mapping[str, Any] = field(
+        default_factory=lambda: {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}})
     service_account: str = ""
     pvc_root: str = "/mnt/pvc"
     resync_seconds: float = 60.0
@@ -85,6 +89,13 @@ class Settings:
     def toolchain_for(self, target: Target) -> dict[str, str]:
         """The builder's toolchain as the cache key names it (the same for every target: one image)."""
         return builder_toolchain(self.builder_image, dict(self.toolchain) if self.toolchain else None)
+
+    def tensorrt_version(self) -> str:
+        """TensorRT of the builder image: declared in the toolchain, else named by the image reference."""
+        declared = (self.toolchain or {}).get("tensorrt")
+        if declared:
+            return str(declared)
+        return "image-" + hashlib.sha256(self.builder_image.encode()).hexdigest()[:12]
 
     @property
     def cpu_target(self) -> Target:
@@ -158,6 +169,7 @@ class Settings:
             build_retries=number("OPTIMODEL_BUILD_RETRIES", d.build_retries),
             build_retry_seconds=number("OPTIMODEL_BUILD_RETRY_SECONDS", d.build_retry_seconds, float),
             builder_resources=blob("OPTIMODEL_BUILDER_RESOURCES", d.builder_resources, dict),
+            server_resources=blob("OPTIMODEL_SERVER_RESOURCES", d.server_resources, dict),
             service_account=text("OPTIMODEL_SERVICE_ACCOUNT", ""),
             pvc_root=text("OPTIMODEL_PVC_ROOT", d.pvc_root),
             resync_seconds=number("OPTIMODEL_RESYNC_SECONDS", d.resync_seconds, float),

@@ -192,6 +192,15 @@ def test_key_follows_the_builder_image_and_the_cpu_class_and_never_the_operators
         Settings.from_env({"OPTIMODEL_CPU_CLASS": "avx9000"})
 
 
+def test_gpu_builds_share_a_timing_cache_per_arch_and_tensorrt_version():
+    request = json.loads(of(run(), CreateJob)[0].request["data"]["request.json"])
+    assert request["timingCacheUri"] == f"file:///store/_timing-cache/sm80/tensorrt-{TOOLCHAIN['tensorrt']}.cache"
+    cpu = of(run(spec=model(targets={"gpuArchitectures": [], "cpu": True})["spec"]), CreateJob)[0]
+    assert "timingCacheUri" not in json.loads(cpu.request["data"]["request.json"])
+    by_image = Settings(store_uri="file:///store", builder_image="reg/b:1").tensorrt_version()
+    assert by_image.startswith("image-") and by_image != Settings(builder_image="reg/b:2").tensorrt_version()
+
+
 def test_two_products_of_one_arch_share_key_job_and_deployment():
     other = Target(arch="sm80", product="NVIDIA-A100-PCIE-40GB")
     a, b = of(run(fleet={"sm80": SM80}), CreateJob)[0], of(run(fleet={"sm80": other}), CreateJob)[0]

@@ -15,7 +15,6 @@ See optimodel_operator.settings for every variable.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 
@@ -30,9 +29,8 @@ def main() -> int:
     except SettingsError as exc:
         print(f"optimodel-operator: {exc}", file=sys.stderr)
         return 2
-    level = os.environ.get("OPTIMODEL_LOG_LEVEL", "INFO").upper()
-    kopf.configure(verbose=level == "DEBUG", log_format=kopf.LogFormat.PLAIN)
-    logging.getLogger().setLevel(getattr(logging, level, logging.INFO))
+    kopf.configure(verbose=cfg.log_level == "DEBUG", log_format=kopf.LogFormat.PLAIN)
+    logging.getLogger().setLevel(getattr(logging, cfg.log_level))
     log = logging.getLogger("optimodel_operator")
     if cfg.peering:
         from optimodel_operator.kube import Kube
@@ -56,8 +54,8 @@ def main() -> int:
         namespaces=list(cfg.namespaces),
         peering_name=cfg.peering or None,
         standalone=not cfg.peering,
-        priority=int(os.environ.get("OPTIMODEL_PEERING_PRIORITY") or random.randint(1, 2**31 - 1)),
-        liveness_endpoint=os.environ.get("OPTIMODEL_LIVENESS", "http://0.0.0.0:8081/healthz") or None,
+        priority=cfg.peering_priority or random.randint(1, 2**31 - 1),
+        liveness_endpoint=cfg.liveness or None,
     )
     return 0
 

@@ -5,7 +5,9 @@ kopf's in-memory indexes (no API reads per reconcile), overlays its own recent
 writes the watches have not delivered yet, runs reconcile.decide, carries out
 the actions through kube.Kube and writes status only when it changed. Reconciles
 of one model never overlap (a lock per model) and triggers that arrive while one
-is queued fold into it.
+is queued fold into it. A reconcile that failed (an API error) is requeued with
+doubling backoff, and one whose decision has a retry due later asks to be looked
+at again then (requeue-after): neither waits for the resync.
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ class Controller:
         self.queued_lock = threading.Lock()
         self.fleet: dict | None = None
         self.written: dict[str, tuple[int | None, dict]] = {}  # uid -> (generation, status we wrote)
-        self.recent: dict[tuple, tuple[float, dict]] = {}  # (kind, ns, name) -> (when, object written)
+        # (kind, ns, name) -> (when, object written); written by worker threads, dropped by the
+        # event loop's watch handlers: every access holds recent_lock
+        self.recent: dict[tuple, tuple[float, dict]] = {}
+        self.recent_lock = threading.Lock()
         self.published: set[str] = set()
         self.indexed = False
         self.seen_generation: dict[str, int | None] = {}
@@ -61,12 +66,13 @@ class Controller:
         self.refused: dict[tuple, dict[str, str]] = {}  # (ns, model) -> child name -> quota refusal
         self.failures: dict[tuple, int] = {}  # consecutive failed reconciles per model (backoff)
         self.timers: dict[tuple, threading.Timer] = {}  # requeue-after per model
+        self.closed = False
 
     # ---- scheduling -------------------------------------------------------------------
     def trigger(self, namespace: str, name: str) -> None:
         key = (namespace, name)
         with self.queued_lock:
-            if key in self.queued:
+            if key in self.queued or self.closed:
                 return
             self.queued.add(key)
         self.pool.submit(self._run, key)
@@ -129,6 +135,7 @@ class Controller:
 
     def close(self) -> None:
         with self.queued_lock:
+            self.closed = True  # a requeue timer that fires now finds nothing to schedule on
             for timer in self.timers.values():
                 timer.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -137,18 +144,22 @@ class Controller:
     # ---- gather -----------------------------------------------------------------------
     def remember(self, obj: dict) -> None:
         meta = obj["metadata"]
-        self.recent[(obj["kind"], meta["namespace"], meta["name"])] = (time.monotonic(), obj)
+        with self.recent_lock:
+            self.recent[(obj["kind"], meta["namespace"], meta["name"])] = (time.monotonic(), obj)
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         """The watch delivered an event for this object: trust the indexes for it again."""
-        self.recent.pop((kind, namespace, name), None)
+        with self.recent_lock:
+            self.recent.pop((kind, namespace, name), None)
 
     def recent_of(self, kind: str, namespace: str, uid: str) -> dict[str, dict]:
         """Objects of this kind the model's last reconciles wrote, by name (stale ones forgotten)."""
         out, horizon = {}, time.monotonic() - RECENT_SECONDS
-        for key, (when, obj) in list(self.recent.items()):
+        with self.recent_lock:
+            items = list(self.recent.items())
+        for key, (when, obj) in items:
             if when < horizon:
-                self.recent.pop(key, None)
+                self.forget(*key)
             elif key[0] == kind and key[1] == namespace and obj["metadata"]["ownerReferences"][0]["uid"] == uid:
                 out[key[2]] = obj
         return out
@@ -158,7 +169,7 @@ class Controller:
         obs = Observed()
         for job in idx["job_index"].get((ns, name), ()):
             obs.jobs[job.name] = job
-            self.recent.pop(("Job", ns, job.name), None)
+            self.forget("Job", ns, job.name)
         for jname, obj in self.recent_of("Job", ns, model.uid).items():
             labels = obj["metadata"]["labels"]
             obs.jobs.setdefault(jname, JobView(name=jname, arch=labels[render.L_ARCH],
@@ -172,7 +183,7 @@ class Controller:
             mine = DeploymentView.from_deployment(obj)
             seen = by_name.get(dname)
             if seen is not None and (seen.config_hash, seen.replicas) == (mine.config_hash, mine.replicas):
-                self.recent.pop(("Deployment", ns, dname), None)  # the watch caught up
+                self.forget("Deployment", ns, dname)  # the watch caught up
             else:
                 obs.deployments[mine.arch] = mine
         obs.refused = dict(self.refused.get((ns, name), {}))
@@ -182,13 +193,13 @@ class Controller:
         if mine is not None:
             value = mine["metadata"]["annotations"][render.A_HASH]
             if obs.service_hash == value:
-                self.recent.pop(("Service", ns, render.service_name(name)), None)
+                self.forget("Service", ns, render.service_name(name))
             obs.service_hash = value
         mine = self.recent_of("ConfigMap", ns, model.uid).get(render.batching_name(name))
         if mine is not None:
             value = mine["data"][render.BATCHING_FILE]
             if obs.batching_json == value:
-                self.recent.pop(("ConfigMap", ns, render.batching_name(name)), None)
+                self.forget("ConfigMap", ns, render.batching_name(name))
             obs.batching_json = value
         return obs
 
@@ -285,16 +296,17 @@ class Controller:
             log.info("%s/%s: %s Job %s", ns, model.name, "created" if created else "found existing", action.name)
         elif isinstance(action, DeleteJob):
             self.kube.delete(object_path("batch/v1", "jobs", ns, action.name))
-            self.recent.pop(("Job", ns, action.name), None)
+            self.forget("Job", ns, action.name)
         elif isinstance(action, Apply):
             self.kube.apply(action.obj)
             self.remember(action.obj)
         elif isinstance(action, Scale):
             self.kube.merge_patch(object_path("apps/v1", "deployments", ns, action.name),
                                   {"spec": {"replicas": action.replicas}})
-            mine = self.recent.get(("Deployment", ns, action.name))
-            if mine is not None:
-                mine[1]["spec"]["replicas"] = action.replicas
+            with self.recent_lock:
+                mine = self.recent.get(("Deployment", ns, action.name))
+                if mine is not None:
+                    mine[1]["spec"]["replicas"] = action.replicas
 
     def post_event(self, model: render.ModelRef, event) -> None:
         now = cond.now_iso()

@@ -5,12 +5,19 @@ lookups that touch the outside world (is an artifact published, does a Secret
 exist) as callables, and carries out the actions. Nothing here talks to the API,
 so every decision has a unit test.
 
+decide() reads in numbered steps: (1) an engine per architecture, (2) stop builds
+nobody wants, (3) architectures that left, (4) rollout, (5) conditions and status;
+steps 2-5 are functions of their own with their own tests.
+
 Rules, in the words of the issue:
 - one builder Job per (target, cache key), none on a cache hit; the Job name
   carries the key so a second create is an AlreadyExists, never a duplicate;
 - a new engine rolls out only once its build (and gate) passed; until then, and
   after a failed rebuild, a Deployment keeps the artifact it already serves;
-- a failed build stops (no new Job for that key) until the spec changes the key;
+- a failed build stops (no new Job for that key) until the spec changes the key, a new
+  optimodel.io/rebuild value asks again, or, for a transient failure, its backoff is over
+  (a retry is a new Job, <name>-r<attempt>);
+- a ResourceQuota that refuses a Job or a Deployment's pods is QuotaExceeded, with its message;
 - a Job that vanished while its build was pending is recreated;
 - an architecture that left the fleet: its running build is stopped and its
   Deployment scaled to 0 (the artifact stays in the store).
@@ -22,11 +29,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from pydantic import ValidationError
 
 from optimodel.artifact import artifact_uri, timing_cache_uri
+from optimodel.batching import BatchingConfig
 from optimodel.build import TRANSIENT_REASONS, BuildResult
 from optimodel.cache_key import cache_key, canonical_options, model_digest
 from optimodel.spec import EngineStatus, OptimizedModelSpec
@@ -388,6 +396,7 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
             out.events.append(Event("Warning", bad_reason, bad_message))
         return out
 
+    # ---- 1. an engine per architecture: built, building, failed (retried?) or to build --------
     targets, missing = desired_targets(spec.targets.gpu_architectures, spec.targets.cpu, fleet, settings.cpu_target)
     keys = target_keys(spec, targets, settings)
     tries = {arch: Tries.of(prev.get(arch) or {}, keys[arch]) for arch in targets}
@@ -527,14 +536,44 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
         elif tried.attempt == 0:
             out.events.append(Event("Normal", "BuildStarted", f"{arch}: Job {jname} builds engine {key}"))
 
-    # Builds nobody wants any more hold a GPU for nothing: stop them.
-    for job in observed.jobs.values():
-        if job.state == "Active" and not job.deleting and job.name not in current_jobs:
+    # ---- 2. builds nobody wants any more hold a GPU for nothing: stop them --------------
+    stops = stop_unwanted_builds(observed.jobs.values(), current_jobs, targets)
+    out.actions += [a for a, _ in stops]
+    out.events += [e for _, e in stops]
+
+    # ---- 3. architectures that left the spec or the fleet ---------------------------------
+    engines.update(departed_engines(prev, targets, missing, fleet))
+
+    # ---- 4. rollout: serve every Ready engine, keep the previous one until then -----------
+    rollout = plan_rollout(model, spec, settings, targets, engines, observed, prev)
+    out.actions += rollout.actions
+    out.events += rollout.events
+    engines = rollout.engines
+
+    # ---- 5. conditions and status ---------------------------------------------------------
+    out.status = status_of(model, spec, generation, old_conditions, now, targets, missing, engines, observed,
+                           rollout)
+    return out
+
+
+def stop_unwanted_builds(jobs: Iterable[JobView], current: set[str],
+                         targets: Mapping[str, Target]) -> list[tuple[DeleteJob, Event]]:
+    """Active Jobs of an old key or of an architecture no longer built: delete them."""
+    out = []
+    for job in jobs:
+        if job.state == "Active" and not job.deleting and job.name not in current:
             why = ("its architecture left the fleet" if job.arch not in targets
                    else "the spec changed its cache key")
-            out.actions.append(DeleteJob(job.name, why))
-            out.events.append(Event("Normal", "BuildStopped", f"{job.arch}: deleted Job {job.name}: {why}"))
+            out.append((DeleteJob(job.name, why),
+                        Event("Normal", "BuildStopped", f"{job.arch}: deleted Job {job.name}: {why}")))
+    return out
 
+
+def departed_engines(prev: Mapping[str, Mapping], targets: Mapping[str, Target], missing: list[str],
+                     fleet: Mapping[str, Target]) -> dict[str, dict]:
+    """Engines of architectures not built now: Removed (their artifact stays cached), or Pending
+    when the spec names an architecture the fleet lacks."""
+    engines: dict[str, dict] = {}
     for arch, old in prev.items():
         if arch in targets or arch in missing:
             continue
@@ -545,73 +584,86 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
             reason, why = "ArchitectureGone", "no schedulable nodes of this architecture left; the artifact stays cached"
         engines[arch] = {**kept, "arch": arch, "state": "Removed", "reason": reason, "message": why}
     for arch in missing:
-        if arch not in engines:
-            engines[arch] = {"arch": arch, "state": "Pending", "reason": "NoNodes",
-                             "message": f"no schedulable nodes with compute capability {arch}"}
+        engines[arch] = {"arch": arch, "state": "Pending", "reason": "NoNodes",
+                         "message": f"no schedulable nodes with compute capability {arch}"}
+    return engines
 
-    # ---- rollout -------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    batching: BatchingConfig
+    plan: dict[str, tuple[Target, str, str]]  # arch -> (target, artifact, key) to serve
+    pending: set[str]  # archs whose Deployment is being applied now
+    engines: dict[str, dict]  # with servingCacheKey
+    actions: list = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+def plan_rollout(model: render.ModelRef, spec: OptimizedModelSpec, settings: Settings, targets: Mapping[str, Target],
+                 engines: Mapping[str, dict], observed: Observed, prev: Mapping[str, Mapping]) -> Rollout:
     batching = render.batching_config(spec, _current_wait(observed.batching_json),
                                       _current_by_arch(observed.batching_json))
-    serving_plan: dict[str, tuple[Target, str, str]] = {}  # arch -> (target, artifact, key)
+    plan: dict[str, tuple[Target, str, str]] = {}
     for arch, target in targets.items():
         eng = engines[arch]
         dep = observed.deployments.get(arch)
         if eng.get("state") == "Ready":
-            serving_plan[arch] = (target, eng["artifactUri"], eng["cacheKey"])
+            plan[arch] = (target, eng["artifactUri"], eng["cacheKey"])
         elif dep is not None and dep.artifact_uri:
-            serving_plan[arch] = (target, dep.artifact_uri, dep.cache_key)  # the previous engine keeps serving
-
-    pending_rollout: set[str] = set()
-    if serving_plan:
+            plan[arch] = (target, dep.artifact_uri, dep.cache_key)  # the previous engine keeps serving
+    out = Rollout(batching=batching, plan=plan, pending=set(), engines={})
+    if plan:
         cm = render.batching_configmap(model, batching)
         if observed.batching_json != cm["data"][render.BATCHING_FILE]:
             out.actions.append(Apply(cm))
         svc = render.service(model)
         if observed.service_hash != svc["metadata"]["annotations"][render.A_HASH]:
             out.actions.append(Apply(svc))
-    for arch, (target, uri, key) in serving_plan.items():
+    for arch, (target, uri, key) in plan.items():
         dep = render.deployment(model, spec, target, uri, key, settings)
         have = observed.deployments.get(arch)
         if (have is None or have.config_hash != dep["metadata"]["annotations"][render.A_HASH]
                 or have.replicas != dep["spec"]["replicas"]):
             out.actions.append(Apply(dep))
-            pending_rollout.add(arch)
+            out.pending.add(arch)
             if have is None or have.cache_key != key:
                 out.events.append(Event("Normal", "RollingOut", f"{arch}: serving engine {key}"))
-    for arch in list(engines):
+    for arch in engines:
         # a copy: engines may hold the previous status' own dicts
         eng = {k: v for k, v in engines[arch].items() if k != "servingCacheKey"}
-        if arch in serving_plan:
-            key = _serving_key(serving_plan[arch][2], observed.deployments.get(arch), arch in pending_rollout,
-                               prev.get(arch) or {})
+        if arch in plan:
+            key = _serving_key(plan[arch][2], observed.deployments.get(arch), arch in out.pending, prev.get(arch) or {})
             if key:
                 eng["servingCacheKey"] = key
-        engines[arch] = eng
+        out.engines[arch] = eng
     for arch, have in observed.deployments.items():
         if arch not in targets and have.replicas != 0:
             out.actions.append(Scale(have.name, 0))
             out.events.append(Event("Normal", "ScaledDown", f"{arch}: Deployment {have.name} scaled to 0"))
+    return out
 
-    # ---- conditions -----------------------------------------------------------------
+
+def status_of(model: render.ModelRef, spec: OptimizedModelSpec, generation: int | None, old_conditions: list,
+              now: str, targets: Mapping[str, Target], missing: list[str], engines: Mapping[str, dict],
+              observed: Observed, rollout: Rollout) -> dict:
     built = _built_condition(targets, engines, missing)
     gate = _gate_condition(spec, targets, engines)
     refused = {arch: observed.refused.get(render.deployment_name(model.name, arch))
                or (observed.deployments[arch].quota if arch in observed.deployments else None)
-               for arch in serving_plan}
-    serving = _serving_condition(serving_plan, observed, pending_rollout, spec.serving.replicas,
+               for arch in rollout.plan}
+    serving = _serving_condition(rollout.plan, observed, rollout.pending, spec.serving.replicas,
                                  {a: m for a, m in refused.items() if m})
     conds = [cond.ready_summary(built, gate, serving), built, gate, serving]
-    new_status = {
+    status = {
         "observedGeneration": generation,
         "conditions": cond.merge_conditions(old_conditions, conds, generation, now),
         "engines": [engines[a] for a in sorted(engines)],
     }
-    if serving_plan:
-        new_status["serving"] = {"endpoint": render.endpoint(model)}
+    if rollout.plan:
+        status["serving"] = {"endpoint": render.endpoint(model)}
         if not spec.serving.batching.autotune.enabled:
-            new_status["serving"]["maxWaitMs"] = batching.max_wait_ms
-    out.status = new_status
-    return out
+            status["serving"]["maxWaitMs"] = rollout.batching.max_wait_ms
+    return status
 
 
 def _serving_key(planned: str, dep: DeploymentView | None, pending: bool, old: Mapping) -> str | None:

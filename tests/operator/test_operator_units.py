@@ -197,7 +197,7 @@ def test_gpu_builds_share_a_timing_cache_per_arch_and_tensorrt_version():
     assert request["timingCacheUri"] == f"file:///store/_timing-cache/sm80/tensorrt-{TOOLCHAIN['tensorrt']}.cache"
     cpu = of(run(spec=model(targets={"gpuArchitectures": [], "cpu": True})["spec"]), CreateJob)[0]
     assert "timingCacheUri" not in json.loads(cpu.request["data"]["request.json"])
-    by_image = Settings(store_uri="file:///store", builder_image="reg/b:1").tensorrt_version()
+    by_image = Settings(builder_image="reg/b:1").tensorrt_version()
     assert by_image.startswith("image-") and by_image != Settings(builder_image="reg/b:2").tensorrt_version()
 
 
@@ -435,3 +435,40 @@ def test_file_store_is_refused_unless_every_pod_sees_the_operators_files():
     assert allowed.allow_file_uris and allowed.store_uri == "file:///store"
     with pytest.raises(SettingsError, match="OPTIMODEL_ALLOW_FILE_URIS"):
         Settings.from_env({"OPTIMODEL_ALLOW_FILE_URIS": "yes"})
+
+
+# ---- the decision's steps, one by one -------------------------------------------------------------
+
+def test_stop_unwanted_builds_says_why():
+    old_key = JobView("digits-build-sm80-old", "sm80", "old", "Active")
+    gone = JobView("digits-build-sm90-x", "sm90", "x", "Active")
+    done = JobView("digits-build-sm80-done", "sm80", "done", "Failed")
+    going = JobView("digits-build-sm80-going", "sm80", "going", "Active", deleting=True)
+    stops = reconcile.stop_unwanted_builds([old_key, gone, done, going], {"digits-build-sm80-new"}, {"sm80": SM80})
+    assert [(a.name, a.why) for a, _ in stops] == [
+        ("digits-build-sm80-old", "the spec changed its cache key"),
+        ("digits-build-sm90-x", "its architecture left the fleet")]
+
+
+def test_departed_engines_keep_their_artifact_and_missing_ones_wait():
+    prev = {"sm80": {"arch": "sm80", "state": "Ready", "cacheKey": "k", "artifactUri": "s3://a", "jobName": "j"},
+            "cpu": {"arch": "cpu", "state": "Ready", "cacheKey": "c"}}
+    out = reconcile.departed_engines(prev, targets={}, missing=["sm90"], fleet={})
+    assert out["sm80"]["state"] == "Removed" and out["sm80"]["reason"] == "ArchitectureGone"
+    assert out["sm80"]["artifactUri"] == "s3://a" and "jobName" not in out["sm80"]
+    assert out["cpu"]["reason"] == "NotRequested"
+    assert out["sm90"] == {"arch": "sm90", "state": "Pending", "reason": "NoNodes",
+                           "message": "no schedulable nodes with compute capability sm90"}
+
+
+def test_plan_rollout_keeps_the_previous_engine_until_the_new_one_is_ready():
+    spec = reconcile.OptimizedModelSpec.model_validate(model()["spec"])
+    old = DeploymentView("digits-sm80", "sm80", "s3://old", "old", "h", 2, True)
+    building = {"sm80": {"arch": "sm80", "state": "Building", "cacheKey": "new"}}
+    rollout = reconcile.plan_rollout(REF, spec, SETTINGS, {"sm80": SM80}, building,
+                                     Observed(deployments={"sm80": old}), {"sm80": {"servingCacheKey": "old"}})
+    assert rollout.plan["sm80"][1:] == ("s3://old", "old")
+    assert rollout.engines["sm80"]["servingCacheKey"] == "old"
+    # an architecture gone from the targets: its Deployment is scaled to 0
+    gone = reconcile.plan_rollout(REF, spec, SETTINGS, {}, {}, Observed(deployments={"sm80": old}), {})
+    assert [(type(a).__name__, a.name, a.replicas) for a in gone.actions] == [("Scale", "digits-sm80", 0)]

@@ -5,9 +5,9 @@ lookups that touch the outside world (is an artifact published, does a Secret
 exist) as callables, and carries out the actions. Nothing here talks to the API,
 so every decision has a unit test.
 
-decide() reads in numbered steps: (1) an engine per architecture, (2) stop builds
-nobody wants, (3) architectures that left, (4) rollout, (5) conditions and status;
-steps 2-5 are functions of their own with their own tests.
+decide() reads in numbered steps, each a pure function with its own tests:
+(1) engine_step per architecture, (2) stop_unwanted_builds, (3) departed_engines,
+(4) plan_rollout, (5) status_of (conditions and status).
 
 Rules, in the words of the issue:
 - one builder Job per (target, cache key), none on a cache hit; the Job name
@@ -402,139 +402,25 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
     tries = {arch: Tries.of(prev.get(arch) or {}, keys[arch]) for arch in targets}
     current_jobs = {render.job_name(model.name, t, keys[a], tries[a].attempt) for a, t in targets.items()}
     engines: dict[str, dict] = {}
-    secret_checked: dict[str, bool] = {}
+
+    secrets: dict[str, bool] = {}
+
+    def secret_once(name: str) -> bool:
+        if name not in secrets:
+            secrets[name] = secret_exists(name)
+        return secrets[name]
 
     for arch, target in targets.items():
-        key = keys[arch]
-        uri = artifact_uri(settings.store_uri, model.namespace, model.name, key)
-        tried = tries[arch]
-        jname = render.job_name(model.name, target, key, tried.attempt)
-        job = observed.jobs.get(jname)
-        pods = observed.pods.get(jname, [])
-        old = prev.get(arch) or {}
-        same = old.get("cacheKey") == key
-        common = dict(artifact_uri=uri, precision=spec.optimization.precision, job_name=jname if job else None)
-        transient = False  # a failure another attempt may not repeat (retried with backoff)
-
-        if same and old.get("state") == "Ready":
-            # the pod's result may arrive after the engine turned Ready (published first)
-            engines[arch] = _with_accuracy(old, _result(pods))
-        elif job is not None and job.state == "Succeeded":
-            result = _result(pods)
-            if published(uri):
-                engines[arch] = _engine(target, "Ready", key, reason="Succeeded",
-                                        accuracy=result.accuracy if result else None,
-                                        message=f"built by Job {jname}", **common)
-                out.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
-            else:
-                engines[arch] = _engine(target, "Failed", key, reason="ArtifactMissing",
-                                        message=f"Job {jname} succeeded but {uri} has no verified manifest", **common)
-                transient = True  # the store lost or has not shown the artifact yet
-                if not (same and old.get("reason") == "ArtifactMissing"):
-                    out.events.append(Event("Warning", "ArtifactMissing", engines[arch]["message"]))
-        elif job is not None and job.state == "Failed":
-            result = _result(pods)
-            waiting = next((p for p in pods if p.waiting_reason in IMAGE_PULL_REASONS), None)
-            if result is not None and result.state == "Failed":
-                reason, message = result.reason.value, result.message
-                transient = result.reason in TRANSIENT_REASONS
-            elif waiting is not None:
-                reason, message = "BuilderImagePullFailed", f"{waiting.waiting_reason}: {waiting.waiting_message or ''}"
-            else:
-                reason = JOB_FAILURE_REASONS.get(job.reason or "", "BuildFailed")
-                message = job.message or _log_tail(pods) or "the builder failed without a result"
-                # pods that died without answering (evicted, OOM-killed, node lost) may pass on another node
-                transient = job.reason == "BackoffLimitExceeded"
-            engines[arch] = _engine(target, "Failed", key, reason=reason, message=message[:1000],
-                                    accuracy=result.accuracy if result else None, **common)
-            if not (same and old.get("state") == "Failed" and old.get("reason") == reason):
-                out.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
-        elif published(uri):
-            if job is not None:  # the builder publishes just before its Job reports success
-                result = _result(pods)
-                engines[arch] = _engine(target, "Ready", key, reason="Succeeded",
-                                        accuracy=result.accuracy if result else None,
-                                        message=f"built by Job {jname}", **common)
-                out.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
-            else:
-                engines[arch] = _engine(target, "Ready", key, reason="CacheHit",
-                                        message="artifact already published; no build needed", **common)
-                if not same:
-                    out.events.append(Event("Normal", "CacheHit", f"{arch}: reusing engine {key}"))
-        elif job is not None:
-            waiting = next((p for p in pods if p.waiting_reason), None)
-            reason, message = "Building", f"building in Job {jname}"
-            if job.deleting:
-                reason, message = "JobDeleting", f"Job {jname} is being deleted; a new one follows"
-            elif waiting is not None and waiting.waiting_reason in IMAGE_PULL_REASONS:
-                reason = "BuilderImagePullFailed"
-                message = f"{waiting.waiting_reason} pulling {settings.builder_image}: {waiting.waiting_message or ''}"
-            elif waiting is not None and waiting.waiting_reason == "CreateContainerConfigError":
-                reason, message = "BuilderConfigError", waiting.waiting_message or reason
-            engines[arch] = _engine(target, "Building", key, reason=reason, message=message[:1000], **common)
-            if reason != "Building" and old.get("reason") != reason:
-                out.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
-        elif same and old.get("state") == "Failed":
-            # a failed key is not rebuilt until the spec changes it, a rebuild annotation asks, or its
-            # transient failure's retry is due (retryAt is set only for those)
-            engines[arch] = {k: v for k, v in old.items() if k not in Tries.FIELDS}
-            transient = bool(old.get("retryAt"))
-        else:
-            engines[arch] = None  # type: ignore[assignment]
-
-        if engines[arch] is not None and engines[arch]["state"] == "Failed":
-            plan = tried.after_failure(transient, rebuild, old if same else {}, settings, now)
-            if plan.retry_now is None:
-                engines[arch] = plan.stamp(engines[arch])
-                if plan.requeue_after is not None:
-                    out.requeue_after = min(out.requeue_after or plan.requeue_after, plan.requeue_after)
-                continue
-            tried = plan.retry_now
-            why = ("optimodel.io/rebuild asked for a rebuild" if plan.manual
-                   else f"retry {tried.retries} of {settings.build_retries} after a transient failure")
-            out.events.append(Event("Normal", "BuildRetried", f"{arch}: {why} ({engines[arch].get('reason')})"))
-            jname = render.job_name(model.name, target, key, tried.attempt)
-            current_jobs.add(jname)
-            if jname in observed.jobs:  # the retry's Job exists already (a restart mid-retry)
-                engines[arch] = tried.stamp(_engine(target, "Building", key, reason="Building",
-                                                    message=f"building in Job {jname}",
-                                                    **{**common, "job_name": jname}))
-                continue
-        elif engines[arch] is not None:
-            engines[arch] = tried.stamp(engines[arch])
-            continue
-
-        secret = spec.model.credentials_secret
-        if secret and secret not in secret_checked:
-            secret_checked[secret] = secret_exists(secret)
-        if secret and not secret_checked[secret]:
-            message = f"Secret '{secret}' (spec.model.credentialsSecret) not found in namespace {model.namespace}"
-            engines[arch] = _engine(target, "Pending", key, reason="SecretMissing", message=message,
-                                    artifact_uri=uri, precision=spec.optimization.precision)
-            if old.get("reason") != "SecretMissing":
-                out.events.append(Event("Warning", "SecretMissing", message))
-            continue
-        if jname in observed.refused:  # a ResourceQuota refused the Job: say so, and try again
-            engines[arch] = tried.stamp(_engine(target, "Pending", key, reason="QuotaExceeded",
-                                                message=observed.refused[jname][:1000], artifact_uri=uri,
-                                                precision=spec.optimization.precision))
-            if old.get("reason") != "QuotaExceeded":
-                out.events.append(Event("Warning", "QuotaExceeded", f"{arch}: {observed.refused[jname][:500]}"))
-        request = render.build_request(model, spec, target, key, uri, settings.toolchain_for(target),
-                                       timing_cache=timing_cache_uri(settings.store_uri, arch, settings.tensorrt_version())
-                                       if target.kind == "gpu" else None)
-        out.actions.append(CreateJob(
-            name=jname, arch=arch, cache_key=key,
-            job=render.builder_job(model, spec, target, key, jname, settings, generation),
-            request=render.request_configmap(model, jname, request, target)))
-        if jname in observed.refused:
-            continue
-        engines[arch] = tried.stamp(_engine(target, "Building", key, reason="Building",
-                                            message=f"building in Job {jname}", **{**common, "job_name": jname}))
-        if same and old.get("state") == "Building" and old.get("jobName") == jname:
-            out.events.append(Event("Warning", "BuildJobMissing", f"{arch}: Job {jname} disappeared; recreated it"))
-        elif tried.attempt == 0:
-            out.events.append(Event("Normal", "BuildStarted", f"{arch}: Job {jname} builds engine {key}"))
+        step = engine_step(arch, target, keys[arch], tries[arch], prev.get(arch) or {}, model=model, spec=spec,
+                           settings=settings, observed=observed, generation=generation, published=published,
+                           secret_exists=secret_once, rebuild=rebuild, now=now)
+        engines[arch] = step.engine
+        out.actions += step.actions
+        out.events += step.events
+        if step.job_name:
+            current_jobs.add(step.job_name)
+        if step.requeue_after is not None:
+            out.requeue_after = min(out.requeue_after or step.requeue_after, step.requeue_after)
 
     # ---- 2. builds nobody wants any more hold a GPU for nothing: stop them --------------
     stops = stop_unwanted_builds(observed.jobs.values(), current_jobs, targets)
@@ -554,6 +440,157 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
     out.status = status_of(model, spec, generation, old_conditions, now, targets, missing, engines, observed,
                            rollout)
     return out
+
+
+
+@dataclass
+class EngineStep:
+    """Step 1's answer for one architecture."""
+    engine: dict | None = None
+    actions: list = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    job_name: str | None = None  # a retry's Job, wanted from now on
+
+    def done(self, engine: dict) -> "EngineStep":
+        self.engine = engine
+        return self
+
+
+def engine_step(arch: str, target: Target, key: str, tried: "Tries", old: Mapping, *, model: render.ModelRef,
+                spec: OptimizedModelSpec, settings: Settings, observed: Observed, generation: int | None,
+                published: Callable[[str], bool], secret_exists: Callable[[str], bool], rebuild: str | None,
+                now: str) -> EngineStep:
+    """The engine of one architecture: Ready (built or a cache hit), Building, Failed (and whether a
+    retry is due), or a new builder Job to create, with the events of its transition."""
+    step = EngineStep()
+    uri = artifact_uri(settings.store_uri, model.namespace, model.name, key)
+    jname = render.job_name(model.name, target, key, tried.attempt)
+    job = observed.jobs.get(jname)
+    pods = observed.pods.get(jname, [])
+    same = old.get("cacheKey") == key
+    common = dict(artifact_uri=uri, precision=spec.optimization.precision, job_name=jname if job else None)
+    transient = False  # a failure another attempt may not repeat (retried with backoff)
+
+    if same and old.get("state") == "Ready":
+        # the pod's result may arrive after the engine turned Ready (published first)
+        engine = _with_accuracy(old, _result(pods))
+    elif job is not None and job.state == "Succeeded":
+        result = _result(pods)
+        if published(uri):
+            engine = _engine(target, "Ready", key, reason="Succeeded",
+                             accuracy=result.accuracy if result else None,
+                             message=f"built by Job {jname}", **common)
+            step.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
+        else:
+            engine = _engine(target, "Failed", key, reason="ArtifactMissing",
+                             message=f"Job {jname} succeeded but {uri} has no verified manifest", **common)
+            transient = True  # the store lost or has not shown the artifact yet
+            if not (same and old.get("reason") == "ArtifactMissing"):
+                step.events.append(Event("Warning", "ArtifactMissing", engine["message"]))
+    elif job is not None and job.state == "Failed":
+        result = _result(pods)
+        waiting = next((p for p in pods if p.waiting_reason in IMAGE_PULL_REASONS), None)
+        if result is not None and result.state == "Failed":
+            reason, message = result.reason.value, result.message
+            transient = result.reason in TRANSIENT_REASONS
+        elif waiting is not None:
+            reason, message = "BuilderImagePullFailed", f"{waiting.waiting_reason}: {waiting.waiting_message or ''}"
+        else:
+            reason = JOB_FAILURE_REASONS.get(job.reason or "", "BuildFailed")
+            message = job.message or _log_tail(pods) or "the builder failed without a result"
+            # pods that died without answering (evicted, OOM-killed, node lost) may pass on another node
+            transient = job.reason == "BackoffLimitExceeded"
+        engine = _engine(target, "Failed", key, reason=reason, message=message[:1000],
+                         accuracy=result.accuracy if result else None, **common)
+        if not (same and old.get("state") == "Failed" and old.get("reason") == reason):
+            step.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
+    elif published(uri):
+        if job is not None:  # the builder publishes just before its Job reports success
+            result = _result(pods)
+            engine = _engine(target, "Ready", key, reason="Succeeded",
+                             accuracy=result.accuracy if result else None,
+                             message=f"built by Job {jname}", **common)
+            step.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
+        else:
+            engine = _engine(target, "Ready", key, reason="CacheHit",
+                             message="artifact already published; no build needed", **common)
+            if not same:
+                step.events.append(Event("Normal", "CacheHit", f"{arch}: reusing engine {key}"))
+    elif job is not None:
+        waiting = next((p for p in pods if p.waiting_reason), None)
+        reason, message = "Building", f"building in Job {jname}"
+        if job.deleting:
+            reason, message = "JobDeleting", f"Job {jname} is being deleted; a new one follows"
+        elif waiting is not None and waiting.waiting_reason in IMAGE_PULL_REASONS:
+            reason = "BuilderImagePullFailed"
+            message = f"{waiting.waiting_reason} pulling {settings.builder_image}: {waiting.waiting_message or ''}"
+        elif waiting is not None and waiting.waiting_reason == "CreateContainerConfigError":
+            reason, message = "BuilderConfigError", waiting.waiting_message or reason
+        engine = _engine(target, "Building", key, reason=reason, message=message[:1000], **common)
+        if reason != "Building" and old.get("reason") != reason:
+            step.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
+    elif same and old.get("state") == "Failed":
+        # a failed key is not rebuilt until the spec changes it, a rebuild annotation asks, or its
+        # transient failure's retry is due (retryAt is set only for those)
+        engine = {k: v for k, v in old.items() if k not in Tries.FIELDS}
+        transient = bool(old.get("retryAt"))
+    else:
+        engine = None  # type: ignore[assignment]
+
+    if engine is not None and engine["state"] == "Failed":
+        plan = tried.after_failure(transient, rebuild, old if same else {}, settings, now)
+        if plan.retry_now is None:
+            engine = plan.stamp(engine)
+            if plan.requeue_after is not None:
+                step.requeue_after = plan.requeue_after
+            return step.done(engine)
+        tried = plan.retry_now
+        why = ("optimodel.io/rebuild asked for a rebuild" if plan.manual
+               else f"retry {tried.retries} of {settings.build_retries} after a transient failure")
+        step.events.append(Event("Normal", "BuildRetried", f"{arch}: {why} ({engine.get('reason')})"))
+        jname = render.job_name(model.name, target, key, tried.attempt)
+        step.job_name = jname
+        if jname in observed.jobs:  # the retry's Job exists already (a restart mid-retry)
+            engine = tried.stamp(_engine(target, "Building", key, reason="Building",
+                                         message=f"building in Job {jname}",
+                                         **{**common, "job_name": jname}))
+            return step.done(engine)
+    elif engine is not None:
+        engine = tried.stamp(engine)
+        return step.done(engine)
+
+    secret = spec.model.credentials_secret
+    if secret and not secret_exists(secret):
+        message = f"Secret '{secret}' (spec.model.credentialsSecret) not found in namespace {model.namespace}"
+        engine = _engine(target, "Pending", key, reason="SecretMissing", message=message,
+                         artifact_uri=uri, precision=spec.optimization.precision)
+        if old.get("reason") != "SecretMissing":
+            step.events.append(Event("Warning", "SecretMissing", message))
+        return step.done(engine)
+    if jname in observed.refused:  # a ResourceQuota refused the Job: say so, and try again
+        engine = tried.stamp(_engine(target, "Pending", key, reason="QuotaExceeded",
+                                     message=observed.refused[jname][:1000], artifact_uri=uri,
+                                     precision=spec.optimization.precision))
+        if old.get("reason") != "QuotaExceeded":
+            step.events.append(Event("Warning", "QuotaExceeded", f"{arch}: {observed.refused[jname][:500]}"))
+    request = render.build_request(model, spec, target, key, uri, settings.toolchain_for(target),
+                                   timing_cache=timing_cache_uri(settings.store_uri, arch, settings.tensorrt_version())
+                                   if target.kind == "gpu" else None)
+    step.actions.append(CreateJob(
+        name=jname, arch=arch, cache_key=key,
+        job=render.builder_job(model, spec, target, key, jname, settings, generation),
+        request=render.request_configmap(model, jname, request, target)))
+    if jname in observed.refused:
+        return step.done(engine)
+    engine = tried.stamp(_engine(target, "Building", key, reason="Building",
+                                 message=f"building in Job {jname}", **{**common, "job_name": jname}))
+    if same and old.get("state") == "Building" and old.get("jobName") == jname:
+        step.events.append(Event("Warning", "BuildJobMissing", f"{arch}: Job {jname} disappeared; recreated it"))
+    elif tried.attempt == 0:
+        step.events.append(Event("Normal", "BuildStarted", f"{arch}: Job {jname} builds engine {key}"))
+
+    return step.done(engine)
 
 
 def stop_unwanted_builds(jobs: Iterable[JobView], current: set[str],

@@ -472,3 +472,25 @@ def test_plan_rollout_keeps_the_previous_engine_until_the_new_one_is_ready():
     # an architecture gone from the targets: its Deployment is scaled to 0
     gone = reconcile.plan_rollout(REF, spec, SETTINGS, {}, {}, Observed(deployments={"sm80": old}), {})
     assert [(type(a).__name__, a.name, a.replicas) for a in gone.actions] == [("Scale", "digits-sm80", 0)]
+
+
+def test_engine_step_for_one_architecture():
+    spec = reconcile.OptimizedModelSpec.model_validate(model()["spec"])
+
+    def step(old=None, **kw):
+        args = dict(model=REF, spec=spec, settings=SETTINGS, observed=Observed(), generation=1,
+                    published=lambda uri: False, secret_exists=lambda name: True, rebuild=None, now=NOW)
+        args.update(kw)
+        return reconcile.engine_step("sm80", SM80, "k" * 32, reconcile.Tries(), old or {}, **args)
+
+    new = step()
+    assert new.engine["state"] == "Building" and [type(a).__name__ for a in new.actions] == ["CreateJob"]
+    assert [e.reason for e in new.events] == ["BuildStarted"]
+    hit = step(published=lambda uri: True)
+    assert (hit.engine["state"], hit.engine["reason"], hit.actions) == ("Ready", "CacheHit", [])
+    secret_spec = reconcile.OptimizedModelSpec.model_validate(
+        {**model()["spec"], "model": {**model()["spec"]["model"], "credentialsSecret": "creds"}})
+    waiting = step(spec=secret_spec, secret_exists=lambda name: False)
+    assert waiting.engine["reason"] == "SecretMissing" and not waiting.actions
+    quota = step(observed=Observed(refused={new.actions[0].name: "exceeded quota: q"}))
+    assert quota.engine["reason"] == "QuotaExceeded" and [type(a).__name__ for a in quota.actions] == ["CreateJob"]

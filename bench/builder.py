@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from bench._ort import THREADS, interleaved_latency, op_histogram, run_all, session, softmax  # noqa: E402
 from builder_job.distill import distill  # noqa: E402
 from builder_job.prune import prune_model  # noqa: E402
-from builder_job.quantize import cpu_has_vnni, quantize_onnx  # noqa: E402
+from builder_job.quantize import quantize_onnx  # noqa: E402
+from optimodel.target import host_cpu_class  # noqa: E402
 from optimodel.target import CPU  # noqa: E402
 
 BUILD = ROOT / "examples" / "build"
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    host = {"cpu": platform.processor() or platform.machine(), "vnni": cpu_has_vnni(), "threads": THREADS,
+    host = {"cpu": platform.processor() or platform.machine(), "vnni": host_cpu_class() == "vnni", "threads": THREADS,
             "onnxruntime": ort.__version__, "torch": torch.__version__.split("+")[0], "batch": BATCH}
     log(f"host: {host}")
     results: dict = {"bench": "builder", "host": host}

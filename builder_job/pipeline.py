@@ -27,6 +27,8 @@ from optimodel.spec import Accuracy, TensorSpec
 from builder_job import compile as compile_stage
 from builder_job import export, fetch, gate, load, profile, publish
 from builder_job.errors import BuildError
+from optimodel.cache_key import toolchain_mismatch
+from optimodel.target import host_cpu_class
 from builder_job.load import LoadedModel
 from builder_job.macs import onnx_macs
 from builder_job.runtime import cpu_quota, example_inputs, ort_runner, ort_session, torch_runner
@@ -187,6 +189,7 @@ def _build(request: BuildRequest, s: _State, log: StageLog, options: BuildOption
 def preflight(request: BuildRequest) -> None:
     """Refuse early what cannot succeed, before any download or compute."""
     opt = request.optimization
+    check_toolchain_and_class(request)
     if opt.pruning and request.source.format not in load.TORCH_FORMATS:
         raise BuildError(BuildReason.PRUNING_UNSUPPORTED,
                          f"pruning needs a PyTorch source (torchscript, torch-export or pytorch); "
@@ -201,6 +204,19 @@ def preflight(request: BuildRequest) -> None:
         import torch
 
         torch.set_num_threads(cpu_quota())
+
+
+def check_toolchain_and_class(request: BuildRequest) -> None:
+    """Honour the cache key's promises (optimodel.cache_key): the toolchain it names is this
+    image's, and a CPU class it names is this host's (a portable build runs anywhere)."""
+    mismatch = toolchain_mismatch(request.toolchain, request.target)
+    if mismatch:
+        raise BuildError(BuildReason.TOOLCHAIN_MISMATCH, "the request's cache key names another toolchain: " + ", ".join(
+            f"{d} {want} asked, {have} installed" for d, (want, have) in sorted(mismatch.items())))
+    if request.target.cpu_class == "vnni" and host_cpu_class() != "vnni":
+        raise BuildError(BuildReason.CPU_CLASS_MISMATCH,
+                         "target cpuClass vnni, but this host's CPU has no AVX512_VNNI/AVX_VNNI: the accuracy "
+                         "gate would measure another engine than the one served; schedule on a VNNI node")
 
 
 def dataset_uris(request: BuildRequest) -> dict[str, str]:
@@ -230,7 +246,11 @@ def prune_stage(request: BuildRequest, s: _State) -> None:
     # the unpruned model stays as it is: the teacher for distillation and the gate's reference
     student = copy.deepcopy(s.original)
     try:
-        result = prune_model(student, args, ratio=pruning.ratio, method=pruning.method, round_to=8)
+        data = None
+        if pruning.method == "taylor" and _any_data(s) is not None:
+            batch = example_inputs(request.source.inputs, batch=64, data=_any_data(s))
+            data = tuple(torch.from_numpy(batch[t.name]) for t in request.source.inputs)
+        result = prune_model(student, args, ratio=pruning.ratio, method=pruning.method, round_to=8, data=data)
     except BuildError:
         raise
     except Exception as exc:

@@ -73,18 +73,31 @@ def _output_layers(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -
     return heads
 
 
+def _self_supervised_loss(model: nn.Module, data: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    out = model(*data)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if out.ndim == 2 and out.shape[1] > 1:
+        return nn.functional.cross_entropy(out, out.detach().argmax(1))
+    return out.float().pow(2).mean()
+
+
 def prune_model(
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
     ratio: float,
     method: str = "l2",
     round_to: int = 8,
+    data: tuple[torch.Tensor, ...] | None = None,
 ) -> PruneResult:
     """Remove `ratio` of the channels of every prunable layer, ranked by group magnitude.
 
     `method` is "l1" or "l2" (GroupMagnitudeImportance with p=1 or 2: a channel's importance
-    is the norm of every weight coupled to it across the dependency group). "taylor" needs
-    gradients on real data and is not implemented here (NOT_IMPLEMENTED).
+    is the norm of every weight coupled to it across the dependency group). "taylor" is
+    torch-pruning's TaylorImportance (|weight x gradient|, first-order estimate of the loss change
+    when a channel goes) with gradients of a loss on `data`, a batch of real inputs: there are no
+    labels, so the loss is the cross-entropy of the model against its own predictions (the mean
+    square of its outputs when they are not class scores).
 
     Channel counts are rounded to multiples of `round_to` (8 = what fp16/int8 tensor cores
     and VNNI kernels want). The caller's model is left untouched (it is still needed as the
@@ -98,9 +111,10 @@ def prune_model(
                          "(format 'pytorch' with an entrypoint)")
     if not 0.0 < ratio < 1.0:
         raise BuildError(BuildReason.PRUNING_UNSUPPORTED, f"pruning ratio must be in (0, 1), got {ratio}")
-    if method == "taylor":
-        raise BuildError(BuildReason.NOT_IMPLEMENTED,
-                         "pruning method 'taylor' needs gradients on a dataset; use 'l1' or 'l2'")
+    if method == "taylor" and data is None:
+        raise BuildError(BuildReason.PRUNING_UNSUPPORTED,
+                         "pruning method 'taylor' needs gradients on real inputs: set "
+                         "optimization.pruning.distillation.datasetUri or optimization.calibration.datasetUri")
     if method not in METHODS:
         raise BuildError(BuildReason.PRUNING_UNSUPPORTED, f"unknown pruning method {method!r}; use one of {METHODS}")
 
@@ -110,7 +124,10 @@ def prune_model(
     try:
         macs_before, params_before = _count(pruned, example_inputs)
         heads = _output_layers(pruned, example_inputs)
-        importance = tp.importance.GroupMagnitudeImportance(p=1 if method == "l1" else 2)
+        if method == "taylor":
+            importance = tp.importance.TaylorImportance()
+        else:
+            importance = tp.importance.GroupMagnitudeImportance(p=1 if method == "l1" else 2)
         pruner = tp.pruner.MetaPruner(
             pruned,
             example_inputs,
@@ -119,7 +136,10 @@ def prune_model(
             ignored_layers=heads,
             round_to=round_to,
         )
+        if method == "taylor":
+            _self_supervised_loss(pruned, data).backward()
         pruner.step()
+        pruned.zero_grad(set_to_none=True)
         pruned.eval()
         macs_after, params_after = _count(pruned, example_inputs)
         with torch.no_grad():

@@ -14,8 +14,8 @@ int8, calibration data given (static, QDQ via quant_pre_process + quantize_stati
     activations ReLU6/Clip, residual Adds and many Convs stay in float between QDQ pairs
     and the model runs slower than FP32 (measured in bench/builder.py).
   * calibration: 99.99th percentile (see `_calibration_method`); the classifier head that
-    produces the graph output stays float (`_output_heads`); on CPU build hosts without
-    VNNI weights use 7 bits (`reduce_range`, see `_static`) except depthwise convs, whose
+    produces the graph output stays float (`_output_heads`); for the portable CPU class
+    (no VNNI, optimodel.target) weights use 7 bits (`reduce_range`, see `_static`) except depthwise convs, whose
     integer kernel cannot saturate and keep 8 bits (`_depthwise_convs`); on CPU, the stem of
     a depthwise-separable network (the convs before its first pointwise conv) stays float
     (`_stem_convs`). The recipe string names all of it.
@@ -229,15 +229,6 @@ def _stem_convs(model) -> list[str]:
     return stem if reached_pointwise and 0 < len(stem) <= 3 else []
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (AVX512_VNNI or AVX_VNNI): int32 accumulation of u8*s8."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
 def _static(pre: Path, dst: Path, arrays: dict[str, np.ndarray], target: Target, samples: int) -> str:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -254,12 +245,12 @@ def _static(pre: Path, dst: Path, arrays: dict[str, np.ndarray], target: Target,
     # Without VNNI, ORT's u8s8 kernels multiply-add pairs into int16 (vpmaddubsw) and
     # saturate with full-range int8 weights: MobileNetV2's agreement with FP32 fell from
     # 0.99 (float simulation) to 0.88. 7-bit weights cannot saturate (but cost precision:
-    # 0.93). The serving node's ISA is not in the cache key, so the build host decides and
-    # the recipe records it.
+    # 0.93). The target's CPU class (part of the cache key, optimodel.target) decides: a
+    # portable engine uses 7 bits, a vnni one 8 and is served only on VNNI nodes.
     # Depthwise convs run on MLAS's depthwise kernel, which widens to int32 before it
     # accumulates: full 8-bit weights do not saturate there (integer result == float-simulated
     # result on MobileNetV2), so they keep 8 bits per channel (agreement 0.926 -> 0.976).
-    reduce_range = not gpu and not cpu_has_vnni()
+    reduce_range = not gpu and target.resolved().cpu_class != "vnni"
     overrides = {}
     if reduce_range:
         overrides = {weight_of[n]: [{"reduce_range": False, "axis": 0}] for n in depthwise}
@@ -280,9 +271,9 @@ def _static(pre: Path, dst: Path, arrays: dict[str, np.ndarray], target: Target,
         weights = "s8 symmetric per-channel"
     elif overrides:
         weights = (f"s8 symmetric per-channel on the {len(overrides)} depthwise convs, s7 symmetric per-channel "
-                   "elsewhere (reduce_range: no VNNI on the build host)")
+                   "elsewhere (reduce_range: portable CPU class)")
     else:
-        weights = "s7 symmetric per-channel (reduce_range: no VNNI on the build host)"
+        weights = "s7 symmetric per-channel (reduce_range: portable CPU class)"
     acts = "s8 symmetric" if gpu else "u8 asymmetric"
     recipe = f"int8-static qdq, weights {weights}, activations {acts}, {method_name} calibration on {n} samples"
     if stem:

@@ -78,6 +78,13 @@ def artifact_uri(store_uri: str, namespace: str, name: str, key: str) -> str:
     return storage.join(store_uri, namespace, name, key)
 
 
+def timing_cache_uri(store_uri: str, arch: str, tensorrt: str) -> str:
+    """The TensorRT timing cache shared by every build of one architecture and TensorRT version
+    (a cache from another version or architecture is rejected by TensorRT, so it is never shared)."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in tensorrt)
+    return storage.join(store_uri, "_timing-cache", arch, f"tensorrt-{safe}.cache")
+
+
 def list_files(local_dir: Path) -> list[FileEntry]:
     entries = []
     for file in sorted(local_dir.rglob("*")):

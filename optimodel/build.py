@@ -40,6 +40,8 @@ class BuildReason(StrEnum):
     NO_GPU = "NoGPU"  # a GPU target on a machine without one
     NOT_IMPLEMENTED = "NotImplemented"
     PUBLISH_FAILED = "PublishFailed"
+    TOOLCHAIN_MISMATCH = "ToolchainMismatch"  # the request's toolchain (part of its key) is not this image's
+    CPU_CLASS_MISMATCH = "CPUClassMismatch"  # a vnni-class build on a host without VNNI (another node may fit)
     BUILD_FAILED = "BuildFailed"  # anything else, with the message
 
 
@@ -52,7 +54,13 @@ DETERMINISTIC_REASONS = frozenset({
     BuildReason.CHECKSUM_MISMATCH, BuildReason.INVALID_MODEL, BuildReason.INVALID_REQUEST,
     BuildReason.INPUT_MISMATCH, BuildReason.OUTPUT_MISMATCH, BuildReason.INVALID_DATASET,
     BuildReason.PRUNING_UNSUPPORTED, BuildReason.EXPORT_FAILED, BuildReason.QUANTIZATION_FAILED,
-    BuildReason.ACCURACY_GATE_FAILED, BuildReason.NOT_IMPLEMENTED,
+    BuildReason.ACCURACY_GATE_FAILED, BuildReason.NOT_IMPLEMENTED, BuildReason.TOOLCHAIN_MISMATCH,
+})
+# Failures another attempt may not repeat: the operator retries these with backoff (a new Job).
+# BUILD_FAILED (anything else) is not here: an unknown failure is retried by the Job's own
+# backoffLimit, not by new Jobs.
+TRANSIENT_REASONS = frozenset({
+    BuildReason.FETCH_FAILED, BuildReason.PUBLISH_FAILED, BuildReason.CPU_CLASS_MISMATCH, BuildReason.NO_GPU,
 })
 
 
@@ -75,6 +83,10 @@ class BuildRequest(ApiModel):
     max_batch_size: int = Field(ge=1)
     cache_key: str
     artifact_uri: str = Field(description="Where to publish: <store>/<namespace>/<name>/<cacheKey>")
+    toolchain: dict[str, str] = Field(
+        default_factory=dict,
+        description="The toolchain part of cache_key; the builder refuses (ToolchainMismatch) declared package "
+                    "versions it does not have")
     timing_cache_uri: str | None = Field(default=None, description="TensorRT timing cache kept per arch in the store")
     base_dir: str | None = Field(default=None, description="Directory that relative file:// URIs resolve against (local runs)")
 

@@ -4,6 +4,15 @@ Same key means the same engine, so an artifact published under a key is reused
 and no build runs. Only what changes the engine goes in: serving settings like
 replicas or maxWaitMs must not cause a rebuild, maxBatchSize does (it bounds the
 TensorRT optimization profile and the latency profile).
+
+The target part is the architecture (engines, builder Jobs and Deployments are all
+one per architecture, and a TensorRT engine runs on every GPU of its compute
+capability, so the GPU product is not in the key) and, for the CPU, the
+instruction-set class the INT8 recipe is made for (optimodel.target). The toolchain
+part is what the builder image has: its declared versions or its image reference
+(builder_toolchain); the builder refuses a request whose declared versions are not
+its own (BuildReason.TOOLCHAIN_MISMATCH), so a key never names an engine another
+toolchain made.
 """
 
 from __future__ import annotations
@@ -22,6 +31,15 @@ TOOLCHAIN_PACKAGES = {
     "cpu": ("onnx", "onnxruntime", "torch"),
     "gpu": ("onnx", "onnxruntime", "torch", "tensorrt"),
 }
+
+
+def builder_toolchain(image: str, versions: dict[str, str] | None) -> dict[str, str]:
+    """The toolchain part of a key in a cluster: the versions the builder image declares
+    (baked in at image build time and passed by the chart), else the image reference itself
+    (a digest when pinned as image@sha256:…; a tag is trusted not to be moved)."""
+    if versions:
+        return {str(k): str(v) for k, v in versions.items()}
+    return {"builderImage": image}
 
 
 def toolchain_versions(target: Target) -> dict[str, str]:
@@ -73,8 +91,31 @@ def cache_key(digest: str, options: dict, target: Target, toolchain: dict[str, s
     payload = {
         "model": digest,
         "options": options,
-        "target": {"arch": target.arch, "product": target.product},
+        "target": target_part(target),
         "toolchain": dict(sorted(toolchain.items())),
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def target_part(target: Target) -> dict[str, str]:
+    if target.kind == "cpu":
+        return {"arch": "cpu", "cpuClass": target.resolved().cpu_class}
+    return {"arch": target.arch}
+
+
+def toolchain_mismatch(declared: dict[str, str], target: Target) -> dict[str, tuple[str, str]]:
+    """{package: (declared, installed)} for every declared package version this environment does not have.
+    Keys that are not packages (builderImage) are not checked here: the pod runs that image."""
+    installed = toolchain_versions(target)
+    out = {}
+    for dist, version in declared.items():
+        if dist == "builderImage":
+            continue
+        try:
+            have = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            have = installed.get(dist, "absent")
+        if have != version:
+            out[dist] = (version, have)
+    return out

@@ -31,8 +31,3 @@ def load_npz(path: Path, input_names: list[str]) -> dict[str, np.ndarray]:
     if len(set(sizes.values())) > 1:
         raise DatasetError(f"{path}: arrays differ in sample count {sizes}")
     return {k: v for k, v in arrays.items() if k in input_names or k == LABELS}
-
-
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from optimodel.spec import OptimizedModel, OptimizedModelSpec
+from optimodel.spec import OptimizedModel
 
 # pydantic adds union-branch and validator tags to error locations; a user wants the field path
 _TAG = re.compile(r"^(literal|list|function-\w+|union|tagged-union|json-or-python|constrained-\w+)\[.*\]$|^(str|int|float|bool)$")
@@ -31,11 +31,11 @@ class ManifestError(ValueError):
         super().__init__(f"{source}: " + "; ".join(str(e) for e in errors))
 
 
-def field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
+def field_errors(exc: ValidationError) -> list[FieldError]:
     out: list[FieldError] = []
     seen: set[tuple[str, str]] = set()
     for err in exc.errors(include_url=False):
-        parts = [prefix] if prefix else []
+        parts: list[str] = []
         for part in err["loc"]:
             if isinstance(part, int):
                 parts.append(f"[{part}]")
@@ -59,14 +59,6 @@ def parse_manifest(doc: object, source: str) -> OptimizedModel:
         return OptimizedModel.model_validate(doc)
     except ValidationError as exc:
         raise ManifestError(source, field_errors(exc)) from None
-
-
-def parse_spec(spec: object, source: str = "spec") -> OptimizedModelSpec:
-    """Validate a spec dict as stored in the API (used by the operator for status reasons)."""
-    try:
-        return OptimizedModelSpec.model_validate(spec)
-    except ValidationError as exc:
-        raise ManifestError(source, field_errors(exc, prefix="spec")) from None
 
 
 def load_manifests(path: Path) -> list[OptimizedModel]:

@@ -255,6 +255,10 @@ class EngineStatus(ApiModel):
         default=None,
         description="Engine the pods of this architecture serve now; differs from cacheKey while a rebuild runs or after it failed.",
     )
+    attempt: int | None = Field(default=None, description="Build attempt of this cacheKey (its Job's -r<N> suffix); absent: the first.")
+    retries: int | None = Field(default=None, description="Automatic retries of transient failures since the last manual rebuild.")
+    rebuild: str | None = Field(default=None, description="The last optimodel.io/rebuild annotation value honoured.")
+    retry_at: str | None = Field(default=None, description="When a transient failure is retried (RFC 3339).")
 
 
 class ServingStatus(ApiModel):

@@ -8,7 +8,6 @@ s3://, gs:// (through s3fs / gcsfs when installed), http(s):// (read only).
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -157,11 +156,3 @@ def download_dir(uri: str, local_dir: str | os.PathLike, base_dir: str | os.Path
         dest.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(path, str(dest))
     return local_dir
-
-
-def remove_tree(uri: str, base_dir: str | os.PathLike | None = None) -> None:
-    fs, path = resolve(uri, base_dir)
-    if is_local(uri):
-        shutil.rmtree(path, ignore_errors=True)
-    elif fs.exists(path):
-        fs.rm(path, recursive=True)

@@ -1,8 +1,10 @@
 """`python -m optimodel_operator`: run the operator against the current kubeconfig or in-cluster config.
 
-Watches every namespace unless OPTIMODEL_NAMESPACES lists some; replicas
-coordinate through kopf peering (OPTIMODEL_PEERING names the ClusterKopfPeering,
-or the KopfPeering in each watched namespace). kopf has no leader election: it
+Watches every namespace unless OPTIMODEL_NAMESPACES lists some. Standalone by
+default; replicas coordinate through kopf peering when OPTIMODEL_PEERING names the
+ClusterKopfPeering (or the KopfPeering in each watched namespace), and the start
+refuses to run (exit 2, an ERROR naming the missing object and CRD) when it is absent,
+because kopf would otherwise pause every watch in silence. kopf has no leader election: it
 pauses every operator but the one of the highest priority, and pauses *all* of
 them when priorities tie. So each process takes a random priority (or
 OPTIMODEL_PEERING_PRIORITY): one replica acts, the others stand by and resume
@@ -54,9 +56,24 @@ def main() -> int:
     if problem:
         print(f"optimodel-operator: {problem}", file=sys.stderr)
         return 3
-    level = os.environ.get("OPTIMODEL_LOG_LEVEL", "INFO").upper()
-    kopf.configure(verbose=level == "DEBUG", log_format=kopf.LogFormat.PLAIN)
-    logging.getLogger().setLevel(getattr(logging, level, logging.INFO))
+    kopf.configure(verbose=cfg.log_level == "DEBUG", log_format=kopf.LogFormat.PLAIN)
+    logging.getLogger().setLevel(getattr(logging, cfg.log_level))
+    log = logging.getLogger("optimodel_operator")
+    if cfg.peering:
+        from optimodel_operator.kube import Kube
+        from optimodel_operator.peering import peering_problem
+
+        kube = Kube()
+        try:
+            problem = peering_problem(kube, cfg.peering, cfg.namespaces)
+        finally:
+            kube.close()
+        if problem:
+            print(f"optimodel-operator: ERROR: {problem}", file=sys.stderr)
+            return 2
+        log.info("kopf peering %s: this replica acts only while it has the highest priority", cfg.peering)
+    else:
+        log.warning("running standalone (OPTIMODEL_PEERING is empty): run one replica only")
     import optimodel_operator.handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(
@@ -64,8 +81,8 @@ def main() -> int:
         namespaces=list(cfg.namespaces),
         peering_name=cfg.peering or None,
         standalone=not cfg.peering,
-        priority=int(os.environ.get("OPTIMODEL_PEERING_PRIORITY") or random.randint(1, 2**31 - 1)),
-        liveness_endpoint=os.environ.get("OPTIMODEL_LIVENESS", "http://0.0.0.0:8081/healthz") or None,
+        priority=cfg.peering_priority or random.randint(1, 2**31 - 1),
+        liveness_endpoint=cfg.liveness or None,
     )
     return 0
 

@@ -3,9 +3,10 @@
 A node counts when it is Ready, not cordoned, has allocatable `nvidia.com/gpu`
 and carries `nvidia.com/gpu.compute.major/minor`. Engines are kept one per
 architecture (status.engines is keyed by arch), so when several GPU products
-share an architecture one representative product is chosen: the
-lexicographically smallest, so the choice (and with it the cache key) does not
-flip as node counts change.
+share an architecture one product is shown in status: the lexicographically
+smallest, so it does not flip as node counts change. The cache key, the builder
+Job's node selector and the Deployment all name the architecture only: a TensorRT
+engine serves every GPU of its compute capability, so key, engine and Deployment agree.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from optimodel.target import CPU, Target
 LABEL_MAJOR = "nvidia.com/gpu.compute.major"
 LABEL_MINOR = "nvidia.com/gpu.compute.minor"
 LABEL_PRODUCT = "nvidia.com/gpu.product"
-LABEL_FAMILY = "nvidia.com/gpu.family"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,8 @@ def fleet(targets: Iterable[Target | None]) -> dict[str, Target]:
     return dict(sorted(by_arch.items()))
 
 
-def fleet_from_nodes(nodes: Iterable[Mapping]) -> dict[str, Target]:
-    return fleet(node_target(n) for n in nodes)
-
-
-def desired_targets(gpu_architectures: str | list[str], cpu: bool, available: Mapping[str, Target]) -> tuple[dict[str, Target], list[str]]:
+def desired_targets(gpu_architectures: str | list[str], cpu: bool, available: Mapping[str, Target],
+                    cpu_target: Target = CPU) -> tuple[dict[str, Target], list[str]]:
     """(targets to build and serve by arch, requested archs with no node in the fleet).
 
     'auto' takes every architecture present and falls back to the CPU when the
@@ -93,5 +90,5 @@ def desired_targets(gpu_architectures: str | list[str], cpu: bool, available: Ma
             else:
                 missing.append(arch)
     if cpu:
-        chosen["cpu"] = CPU
+        chosen["cpu"] = cpu_target
     return chosen, missing

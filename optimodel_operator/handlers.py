@@ -117,11 +117,12 @@ async def model_changed(type, namespace, name, meta, memo, **_):
     ctrl.indexed = True
     if type == "DELETED" or meta.get("deletionTimestamp"):
         return
-    # status-only writes (our own, the tuner's) keep the generation: nothing to decide
-    seen = ctrl.seen_generation.get(meta.get("uid"))
-    if type == "MODIFIED" and seen == meta.get("generation"):
+    # status-only writes (our own, the tuner's) keep the generation: nothing to decide; a new
+    # rebuild annotation value does not bump it either but asks for a retry
+    seen = (meta.get("generation"), (meta.get("annotations") or {}).get(render.A_REBUILD))
+    if type == "MODIFIED" and ctrl.seen_generation.get(meta.get("uid")) == seen:
         return
-    ctrl.seen_generation[meta.get("uid")] = meta.get("generation")
+    ctrl.seen_generation[meta.get("uid")] = seen
     ctrl.trigger(namespace, name)
 
 

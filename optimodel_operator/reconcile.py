@@ -5,12 +5,19 @@ lookups that touch the outside world (is an artifact published, does a Secret
 exist) as callables, and carries out the actions. Nothing here talks to the API,
 so every decision has a unit test.
 
+decide() reads in numbered steps, each a pure function with its own tests:
+(1) engine_step per architecture, (2) stop_unwanted_builds, (3) departed_engines,
+(4) plan_rollout, (5) status_of (conditions and status).
+
 Rules, in the words of the issue:
 - one builder Job per (target, cache key), none on a cache hit; the Job name
   carries the key so a second create is an AlreadyExists, never a duplicate;
 - a new engine rolls out only once its build (and gate) passed; until then, and
   after a failed rebuild, a Deployment keeps the artifact it already serves;
-- a failed build stops (no new Job for that key) until the spec changes the key;
+- a failed build stops (no new Job for that key) until the spec changes the key, a new
+  optimodel.io/rebuild value asks again, or, for a transient failure, its backoff is over
+  (a retry is a new Job, <name>-r<attempt>);
+- a ResourceQuota that refuses a Job or a Deployment's pods is QuotaExceeded, with its message;
 - a Job that vanished while its build was pending is recreated;
 - an architecture that left the fleet: its running build is stopped and its
   Deployment scaled to 0 (the artifact stays in the store).
@@ -21,12 +28,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Iterable, Mapping
 
 from pydantic import ValidationError
 
-from optimodel.artifact import artifact_uri
-from optimodel.build import BuildResult
+from optimodel.artifact import artifact_uri, timing_cache_uri
+from optimodel.batching import BatchingConfig
+from optimodel.build import TRANSIENT_REASONS, BuildResult
 from optimodel.cache_key import cache_key, canonical_options, model_digest
 from optimodel.spec import EngineStatus, OptimizedModelSpec
 from optimodel.target import Target
@@ -110,20 +119,28 @@ class DeploymentView:
     replicas: int
     available: bool  # rolled out: every pod runs the current template and is available
     stuck: str | None = None  # the Progressing condition's message when the progress deadline passed
+    quota: str | None = None  # ReplicaFailure's message when a ResourceQuota refused its pods
 
     @classmethod
     def from_deployment(cls, dep: Mapping) -> "DeploymentView":
         meta, spec, status = dep.get("metadata") or {}, dep.get("spec") or {}, dep.get("status") or {}
         ann = meta.get("annotations") or {}
         replicas = spec.get("replicas", 1)
-        stuck = None
+        stuck = quota = None
         for c in status.get("conditions") or []:
             if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
                 stuck = c.get("message") or "the Deployment exceeded its progress deadline"
+            if c.get("type") == "ReplicaFailure" and c.get("status") == "True" and is_quota(c.get("message")):
+                quota = c.get("message")
         return cls(name=meta.get("name", ""), arch=(meta.get("labels") or {}).get(render.L_ARCH, ""),
                    artifact_uri=ann.get(render.A_ARTIFACT, ""), cache_key=ann.get(render.A_KEY, ""),
                    config_hash=ann.get(render.A_HASH, ""), replicas=replicas,
-                   available=rolled_out(meta, replicas, status), stuck=stuck)
+                   available=rolled_out(meta, replicas, status), stuck=stuck, quota=quota)
+
+
+def is_quota(message: str | None) -> bool:
+    """A ResourceQuota's refusal, as the API server words it ('exceeded quota: <name>, requested: ...')."""
+    return "exceeded quota" in (message or "")
 
 
 def rolled_out(meta: Mapping, replicas: int, status: Mapping) -> bool:
@@ -143,6 +160,7 @@ class Observed:
     deployments: dict[str, DeploymentView] = field(default_factory=dict)  # by arch
     service_hash: str | None = None  # None: no Service yet
     batching_json: str | None = None  # None: no ConfigMap yet
+    refused: dict[str, str] = field(default_factory=dict)  # child name -> the quota's refusal of its last write
 
 
 # ---- what to do ----------------------------------------------------------------
@@ -187,6 +205,77 @@ class Decision:
     status: dict = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     valid: bool = True
+    requeue_after: float | None = None  # seconds until a retry is due: look again then
+
+
+# ---- retries of failed builds ------------------------------------------------------
+
+@dataclass(frozen=True)
+class RetryPlan:
+    retry_now: "Tries | None" = None  # the attempt to start now, or None
+    manual: bool = False
+    tries: "Tries | None" = None  # what to record when not retrying now
+    retry_at: str | None = None
+    requeue_after: float | None = None
+
+    def stamp(self, engine: dict) -> dict:
+        out = self.tries.stamp(engine) if self.tries else dict(engine)
+        if self.retry_at:
+            out["retryAt"] = self.retry_at
+            out["message"] = f"{out.get('message', '')} (retry at {self.retry_at})"[:1000]
+        return out
+
+
+@dataclass(frozen=True)
+class Tries:
+    """Attempts at one cache key: each retry is a new Job (name suffix -r<attempt>), so a failed
+    Job keeps its pods and logs and a retry never races the deletion of the one before."""
+    attempt: int = 0  # the Job of this key now: 0 first, +1 per retry
+    retries: int = 0  # automatic retries since the last manual one
+    rebuild: str | None = None  # the last optimodel.io/rebuild value honoured
+
+    FIELDS = ("attempt", "retries", "rebuild", "retryAt")
+
+    @classmethod
+    def of(cls, old: Mapping, key: str) -> "Tries":
+        same = old.get("cacheKey") == key
+        return cls(attempt=int(old.get("attempt") or 0) if same else 0,
+                   retries=int(old.get("retries") or 0) if same else 0, rebuild=old.get("rebuild"))
+
+    def stamp(self, engine: dict) -> dict:
+        out = {k: v for k, v in engine.items() if k not in self.FIELDS}
+        if self.attempt:
+            out["attempt"] = self.attempt
+        if self.retries:
+            out["retries"] = self.retries
+        if self.rebuild is not None:
+            out["rebuild"] = self.rebuild
+        return out
+
+    def after_failure(self, transient: bool, rebuild: str | None, old: Mapping, settings: Settings,
+                      now: str) -> RetryPlan:
+        """A new rebuild annotation value retries once at once; a transient failure retries with
+        exponential backoff up to settings.build_retries times; a deterministic one waits for a new key."""
+        if rebuild and rebuild != self.rebuild:
+            return RetryPlan(retry_now=Tries(self.attempt + 1, 0, rebuild), manual=True)
+        if not transient or self.retries >= settings.build_retries:
+            return RetryPlan(tries=self)
+        due = old.get("retryAt") if old.get("attempt", 0) == self.attempt and old.get("retryAt") else None
+        if due is None:
+            delay = settings.build_retry_seconds * 2 ** self.retries
+            due = _iso(_parse(now) + timedelta(seconds=delay))
+        wait = (_parse(due) - _parse(now)).total_seconds()
+        if wait <= 0:
+            return RetryPlan(retry_now=Tries(self.attempt + 1, self.retries + 1, self.rebuild))
+        return RetryPlan(tries=self, retry_at=due, requeue_after=wait)
+
+
+def _parse(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ---- spec validation -------------------------------------------------------------
@@ -283,7 +372,9 @@ def _engine(target: Target, state: str, key: str, **kw) -> dict:
 
 def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int | None, status: Mapping | None,
            fleet: Mapping[str, Target], observed: Observed, settings: Settings,
-           published: Callable[[str], bool], secret_exists: Callable[[str], bool], now: str) -> Decision:
+           published: Callable[[str], bool], secret_exists: Callable[[str], bool], now: str,
+           rebuild: str | None = None) -> Decision:
+    """rebuild: the model's optimodel.io/rebuild annotation (a new value retries failed builds once)."""
     status = status or {}
     old_conditions = status.get("conditions") or []
     prev = {e.get("arch"): e for e in status.get("engines") or []}
@@ -305,108 +396,221 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
             out.events.append(Event("Warning", bad_reason, bad_message))
         return out
 
-    targets, missing = desired_targets(spec.targets.gpu_architectures, spec.targets.cpu, fleet)
+    # ---- 1. an engine per architecture: built, building, failed (retried?) or to build --------
+    targets, missing = desired_targets(spec.targets.gpu_architectures, spec.targets.cpu, fleet, settings.cpu_target)
     keys = target_keys(spec, targets, settings)
-    current_jobs = {render.job_name(model.name, t, keys[a]) for a, t in targets.items()}
+    tries = {arch: Tries.of(prev.get(arch) or {}, keys[arch]) for arch in targets}
+    current_jobs = {render.job_name(model.name, t, keys[a], tries[a].attempt) for a, t in targets.items()}
     engines: dict[str, dict] = {}
-    secret_checked: dict[str, bool] = {}
+
+    secrets: dict[str, bool] = {}
+
+    def secret_once(name: str) -> bool:
+        if name not in secrets:
+            secrets[name] = secret_exists(name)
+        return secrets[name]
 
     for arch, target in targets.items():
-        key = keys[arch]
-        uri = artifact_uri(settings.store_uri, model.namespace, model.name, key)
-        jname = render.job_name(model.name, target, key)
-        job = observed.jobs.get(jname)
-        pods = observed.pods.get(jname, [])
-        old = prev.get(arch) or {}
-        same = old.get("cacheKey") == key
-        common = dict(artifact_uri=uri, precision=spec.optimization.precision, job_name=jname if job else None)
+        step = engine_step(arch, target, keys[arch], tries[arch], prev.get(arch) or {}, model=model, spec=spec,
+                           settings=settings, observed=observed, generation=generation, published=published,
+                           secret_exists=secret_once, rebuild=rebuild, now=now)
+        engines[arch] = step.engine
+        out.actions += step.actions
+        out.events += step.events
+        if step.job_name:
+            current_jobs.add(step.job_name)
+        if step.requeue_after is not None:
+            out.requeue_after = min(out.requeue_after or step.requeue_after, step.requeue_after)
 
-        if same and old.get("state") == "Ready":
-            # the pod's result may arrive after the engine turned Ready (published first)
-            engines[arch] = _with_accuracy(old, _result(pods))
-        elif job is not None and job.state == "Succeeded":
-            result = _result(pods)
-            if published(uri):
-                engines[arch] = _engine(target, "Ready", key, reason="Succeeded",
-                                        accuracy=result.accuracy if result else None,
-                                        message=f"built by Job {jname}", **common)
-                out.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
-            else:
-                engines[arch] = _engine(target, "Failed", key, reason="ArtifactMissing",
-                                        message=f"Job {jname} succeeded but {uri} has no verified manifest", **common)
-                out.events.append(Event("Warning", "ArtifactMissing", engines[arch]["message"]))
-        elif job is not None and job.state == "Failed":
-            result = _result(pods)
-            waiting = next((p for p in pods if p.waiting_reason in IMAGE_PULL_REASONS), None)
-            if result is not None and result.state == "Failed":
-                reason, message = result.reason.value, result.message
-            elif waiting is not None:
-                reason, message = "BuilderImagePullFailed", f"{waiting.waiting_reason}: {waiting.waiting_message or ''}"
-            else:
-                reason = JOB_FAILURE_REASONS.get(job.reason or "", "BuildFailed")
-                message = job.message or _log_tail(pods) or "the builder failed without a result"
-            engines[arch] = _engine(target, "Failed", key, reason=reason, message=message[:1000],
-                                    accuracy=result.accuracy if result else None, **common)
-            if not (same and old.get("state") == "Failed" and old.get("reason") == reason):
-                out.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
-        elif published(uri):
-            if job is not None:  # the builder publishes just before its Job reports success
-                result = _result(pods)
-                engines[arch] = _engine(target, "Ready", key, reason="Succeeded",
-                                        accuracy=result.accuracy if result else None,
-                                        message=f"built by Job {jname}", **common)
-                out.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
-            else:
-                engines[arch] = _engine(target, "Ready", key, reason="CacheHit",
-                                        message="artifact already published; no build needed", **common)
-                if not same:
-                    out.events.append(Event("Normal", "CacheHit", f"{arch}: reusing engine {key}"))
-        elif job is not None:
-            waiting = next((p for p in pods if p.waiting_reason), None)
-            reason, message = "Building", f"building in Job {jname}"
-            if job.deleting:
-                reason, message = "JobDeleting", f"Job {jname} is being deleted; a new one follows"
-            elif waiting is not None and waiting.waiting_reason in IMAGE_PULL_REASONS:
-                reason = "BuilderImagePullFailed"
-                message = f"{waiting.waiting_reason} pulling {settings.builder_image}: {waiting.waiting_message or ''}"
-            elif waiting is not None and waiting.waiting_reason == "CreateContainerConfigError":
-                reason, message = "BuilderConfigError", waiting.waiting_message or reason
-            engines[arch] = _engine(target, "Building", key, reason=reason, message=message[:1000], **common)
-            if reason != "Building" and old.get("reason") != reason:
-                out.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
-        elif same and old.get("state") == "Failed":
-            engines[arch] = old  # stop: a failed key is not rebuilt until the spec changes it
+    # ---- 2. builds nobody wants any more hold a GPU for nothing: stop them --------------
+    stops = stop_unwanted_builds(observed.jobs.values(), current_jobs, targets)
+    out.actions += [a for a, _ in stops]
+    out.events += [e for _, e in stops]
+
+    # ---- 3. architectures that left the spec or the fleet ---------------------------------
+    engines.update(departed_engines(prev, targets, missing, fleet))
+
+    # ---- 4. rollout: serve every Ready engine, keep the previous one until then -----------
+    rollout = plan_rollout(model, spec, settings, targets, engines, observed, prev)
+    out.actions += rollout.actions
+    out.events += rollout.events
+    engines = rollout.engines
+
+    # ---- 5. conditions and status ---------------------------------------------------------
+    out.status = status_of(model, spec, generation, old_conditions, now, targets, missing, engines, observed,
+                           rollout)
+    return out
+
+
+
+@dataclass
+class EngineStep:
+    """Step 1's answer for one architecture."""
+    engine: dict | None = None
+    actions: list = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    job_name: str | None = None  # a retry's Job, wanted from now on
+
+    def done(self, engine: dict) -> "EngineStep":
+        self.engine = engine
+        return self
+
+
+def engine_step(arch: str, target: Target, key: str, tried: "Tries", old: Mapping, *, model: render.ModelRef,
+                spec: OptimizedModelSpec, settings: Settings, observed: Observed, generation: int | None,
+                published: Callable[[str], bool], secret_exists: Callable[[str], bool], rebuild: str | None,
+                now: str) -> EngineStep:
+    """The engine of one architecture: Ready (built or a cache hit), Building, Failed (and whether a
+    retry is due), or a new builder Job to create, with the events of its transition."""
+    step = EngineStep()
+    uri = artifact_uri(settings.store_uri, model.namespace, model.name, key)
+    jname = render.job_name(model.name, target, key, tried.attempt)
+    job = observed.jobs.get(jname)
+    pods = observed.pods.get(jname, [])
+    same = old.get("cacheKey") == key
+    common = dict(artifact_uri=uri, precision=spec.optimization.precision, job_name=jname if job else None)
+    transient = False  # a failure another attempt may not repeat (retried with backoff)
+
+    if same and old.get("state") == "Ready":
+        # the pod's result may arrive after the engine turned Ready (published first)
+        engine = _with_accuracy(old, _result(pods))
+    elif job is not None and job.state == "Succeeded":
+        result = _result(pods)
+        if published(uri):
+            engine = _engine(target, "Ready", key, reason="Succeeded",
+                             accuracy=result.accuracy if result else None,
+                             message=f"built by Job {jname}", **common)
+            step.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
         else:
-            secret = spec.model.credentials_secret
-            if secret and secret not in secret_checked:
-                secret_checked[secret] = secret_exists(secret)
-            if secret and not secret_checked[secret]:
-                message = f"Secret '{secret}' (spec.model.credentialsSecret) not found in namespace {model.namespace}"
-                engines[arch] = _engine(target, "Pending", key, reason="SecretMissing", message=message,
-                                        artifact_uri=uri, precision=spec.optimization.precision)
-                if old.get("reason") != "SecretMissing":
-                    out.events.append(Event("Warning", "SecretMissing", message))
-                continue
-            request = render.build_request(model, spec, target, key, uri)
-            out.actions.append(CreateJob(
-                name=jname, arch=arch, cache_key=key,
-                job=render.builder_job(model, spec, target, key, jname, settings, generation),
-                request=render.request_configmap(model, jname, request, target)))
-            engines[arch] = _engine(target, "Building", key, reason="Building",
-                                    message=f"building in Job {jname}", **{**common, "job_name": jname})
-            if same and old.get("state") == "Building" and old.get("jobName") == jname:
-                out.events.append(Event("Warning", "BuildJobMissing", f"{arch}: Job {jname} disappeared; recreated it"))
-            else:
-                out.events.append(Event("Normal", "BuildStarted", f"{arch}: Job {jname} builds engine {key}"))
+            engine = _engine(target, "Failed", key, reason="ArtifactMissing",
+                             message=f"Job {jname} succeeded but {uri} has no verified manifest", **common)
+            transient = True  # the store lost or has not shown the artifact yet
+            if not (same and old.get("reason") == "ArtifactMissing"):
+                step.events.append(Event("Warning", "ArtifactMissing", engine["message"]))
+    elif job is not None and job.state == "Failed":
+        result = _result(pods)
+        waiting = next((p for p in pods if p.waiting_reason in IMAGE_PULL_REASONS), None)
+        if result is not None and result.state == "Failed":
+            reason, message = result.reason.value, result.message
+            transient = result.reason in TRANSIENT_REASONS
+        elif waiting is not None:
+            reason, message = "BuilderImagePullFailed", f"{waiting.waiting_reason}: {waiting.waiting_message or ''}"
+        else:
+            reason = JOB_FAILURE_REASONS.get(job.reason or "", "BuildFailed")
+            message = job.message or _log_tail(pods) or "the builder failed without a result"
+            # pods that died without answering (evicted, OOM-killed, node lost) may pass on another node
+            transient = job.reason == "BackoffLimitExceeded"
+        engine = _engine(target, "Failed", key, reason=reason, message=message[:1000],
+                         accuracy=result.accuracy if result else None, **common)
+        if not (same and old.get("state") == "Failed" and old.get("reason") == reason):
+            step.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
+    elif published(uri):
+        if job is not None:  # the builder publishes just before its Job reports success
+            result = _result(pods)
+            engine = _engine(target, "Ready", key, reason="Succeeded",
+                             accuracy=result.accuracy if result else None,
+                             message=f"built by Job {jname}", **common)
+            step.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
+        else:
+            engine = _engine(target, "Ready", key, reason="CacheHit",
+                             message="artifact already published; no build needed", **common)
+            if not same:
+                step.events.append(Event("Normal", "CacheHit", f"{arch}: reusing engine {key}"))
+    elif job is not None:
+        waiting = next((p for p in pods if p.waiting_reason), None)
+        reason, message = "Building", f"building in Job {jname}"
+        if job.deleting:
+            reason, message = "JobDeleting", f"Job {jname} is being deleted; a new one follows"
+        elif waiting is not None and waiting.waiting_reason in IMAGE_PULL_REASONS:
+            reason = "BuilderImagePullFailed"
+            message = f"{waiting.waiting_reason} pulling {settings.builder_image}: {waiting.waiting_message or ''}"
+        elif waiting is not None and waiting.waiting_reason == "CreateContainerConfigError":
+            reason, message = "BuilderConfigError", waiting.waiting_message or reason
+        engine = _engine(target, "Building", key, reason=reason, message=message[:1000], **common)
+        if reason != "Building" and old.get("reason") != reason:
+            step.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
+    elif same and old.get("state") == "Failed":
+        # a failed key is not rebuilt until the spec changes it, a rebuild annotation asks, or its
+        # transient failure's retry is due (retryAt is set only for those)
+        engine = {k: v for k, v in old.items() if k not in Tries.FIELDS}
+        transient = bool(old.get("retryAt"))
+    else:
+        engine = None  # type: ignore[assignment]
 
-    # Builds nobody wants any more hold a GPU for nothing: stop them.
-    for job in observed.jobs.values():
-        if job.state == "Active" and not job.deleting and job.name not in current_jobs:
+    if engine is not None and engine["state"] == "Failed":
+        plan = tried.after_failure(transient, rebuild, old if same else {}, settings, now)
+        if plan.retry_now is None:
+            engine = plan.stamp(engine)
+            if plan.requeue_after is not None:
+                step.requeue_after = plan.requeue_after
+            return step.done(engine)
+        tried = plan.retry_now
+        why = ("optimodel.io/rebuild asked for a rebuild" if plan.manual
+               else f"retry {tried.retries} of {settings.build_retries} after a transient failure")
+        step.events.append(Event("Normal", "BuildRetried", f"{arch}: {why} ({engine.get('reason')})"))
+        jname = render.job_name(model.name, target, key, tried.attempt)
+        step.job_name = jname
+        if jname in observed.jobs:  # the retry's Job exists already (a restart mid-retry)
+            engine = tried.stamp(_engine(target, "Building", key, reason="Building",
+                                         message=f"building in Job {jname}",
+                                         **{**common, "job_name": jname}))
+            return step.done(engine)
+    elif engine is not None:
+        engine = tried.stamp(engine)
+        return step.done(engine)
+
+    secret = spec.model.credentials_secret
+    if secret and not secret_exists(secret):
+        message = f"Secret '{secret}' (spec.model.credentialsSecret) not found in namespace {model.namespace}"
+        engine = _engine(target, "Pending", key, reason="SecretMissing", message=message,
+                         artifact_uri=uri, precision=spec.optimization.precision)
+        if old.get("reason") != "SecretMissing":
+            step.events.append(Event("Warning", "SecretMissing", message))
+        return step.done(engine)
+    if jname in observed.refused:  # a ResourceQuota refused the Job: say so, and try again
+        engine = tried.stamp(_engine(target, "Pending", key, reason="QuotaExceeded",
+                                     message=observed.refused[jname][:1000], artifact_uri=uri,
+                                     precision=spec.optimization.precision))
+        if old.get("reason") != "QuotaExceeded":
+            step.events.append(Event("Warning", "QuotaExceeded", f"{arch}: {observed.refused[jname][:500]}"))
+    request = render.build_request(model, spec, target, key, uri, settings.toolchain_for(target),
+                                   timing_cache=timing_cache_uri(settings.store_uri, arch, settings.tensorrt_version())
+                                   if target.kind == "gpu" else None)
+    step.actions.append(CreateJob(
+        name=jname, arch=arch, cache_key=key,
+        job=render.builder_job(model, spec, target, key, jname, settings, generation),
+        request=render.request_configmap(model, jname, request, target)))
+    if jname in observed.refused:
+        return step.done(engine)
+    engine = tried.stamp(_engine(target, "Building", key, reason="Building",
+                                 message=f"building in Job {jname}", **{**common, "job_name": jname}))
+    if same and old.get("state") == "Building" and old.get("jobName") == jname:
+        step.events.append(Event("Warning", "BuildJobMissing", f"{arch}: Job {jname} disappeared; recreated it"))
+    elif tried.attempt == 0:
+        step.events.append(Event("Normal", "BuildStarted", f"{arch}: Job {jname} builds engine {key}"))
+
+    return step.done(engine)
+
+
+def stop_unwanted_builds(jobs: Iterable[JobView], current: set[str],
+                         targets: Mapping[str, Target]) -> list[tuple[DeleteJob, Event]]:
+    """Active Jobs of an old key or of an architecture no longer built: delete them."""
+    out = []
+    for job in jobs:
+        if job.state == "Active" and not job.deleting and job.name not in current:
             why = ("its architecture left the fleet" if job.arch not in targets
                    else "the spec changed its cache key")
-            out.actions.append(DeleteJob(job.name, why))
-            out.events.append(Event("Normal", "BuildStopped", f"{job.arch}: deleted Job {job.name}: {why}"))
+            out.append((DeleteJob(job.name, why),
+                        Event("Normal", "BuildStopped", f"{job.arch}: deleted Job {job.name}: {why}")))
+    return out
 
+
+def departed_engines(prev: Mapping[str, Mapping], targets: Mapping[str, Target], missing: list[str],
+                     fleet: Mapping[str, Target]) -> dict[str, dict]:
+    """Engines of architectures not built now: Removed (their artifact stays cached), or Pending
+    when the spec names an architecture the fleet lacks."""
+    engines: dict[str, dict] = {}
     for arch, old in prev.items():
         if arch in targets or arch in missing:
             continue
@@ -417,69 +621,86 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
             reason, why = "ArchitectureGone", "no schedulable nodes of this architecture left; the artifact stays cached"
         engines[arch] = {**kept, "arch": arch, "state": "Removed", "reason": reason, "message": why}
     for arch in missing:
-        if arch not in engines:
-            engines[arch] = {"arch": arch, "state": "Pending", "reason": "NoNodes",
-                             "message": f"no schedulable nodes with compute capability {arch}"}
+        engines[arch] = {"arch": arch, "state": "Pending", "reason": "NoNodes",
+                         "message": f"no schedulable nodes with compute capability {arch}"}
+    return engines
 
-    # ---- rollout -------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    batching: BatchingConfig
+    plan: dict[str, tuple[Target, str, str]]  # arch -> (target, artifact, key) to serve
+    pending: set[str]  # archs whose Deployment is being applied now
+    engines: dict[str, dict]  # with servingCacheKey
+    actions: list = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+def plan_rollout(model: render.ModelRef, spec: OptimizedModelSpec, settings: Settings, targets: Mapping[str, Target],
+                 engines: Mapping[str, dict], observed: Observed, prev: Mapping[str, Mapping]) -> Rollout:
     batching = render.batching_config(spec, _current_wait(observed.batching_json),
                                       _current_by_arch(observed.batching_json))
-    serving_plan: dict[str, tuple[Target, str, str]] = {}  # arch -> (target, artifact, key)
+    plan: dict[str, tuple[Target, str, str]] = {}
     for arch, target in targets.items():
         eng = engines[arch]
         dep = observed.deployments.get(arch)
         if eng.get("state") == "Ready":
-            serving_plan[arch] = (target, eng["artifactUri"], eng["cacheKey"])
+            plan[arch] = (target, eng["artifactUri"], eng["cacheKey"])
         elif dep is not None and dep.artifact_uri:
-            serving_plan[arch] = (target, dep.artifact_uri, dep.cache_key)  # the previous engine keeps serving
-
-    pending_rollout: set[str] = set()
-    if serving_plan:
+            plan[arch] = (target, dep.artifact_uri, dep.cache_key)  # the previous engine keeps serving
+    out = Rollout(batching=batching, plan=plan, pending=set(), engines={})
+    if plan:
         cm = render.batching_configmap(model, batching)
         if observed.batching_json != cm["data"][render.BATCHING_FILE]:
             out.actions.append(Apply(cm))
         svc = render.service(model)
         if observed.service_hash != svc["metadata"]["annotations"][render.A_HASH]:
             out.actions.append(Apply(svc))
-    for arch, (target, uri, key) in serving_plan.items():
+    for arch, (target, uri, key) in plan.items():
         dep = render.deployment(model, spec, target, uri, key, settings)
         have = observed.deployments.get(arch)
         if (have is None or have.config_hash != dep["metadata"]["annotations"][render.A_HASH]
                 or have.replicas != dep["spec"]["replicas"]):
             out.actions.append(Apply(dep))
-            pending_rollout.add(arch)
+            out.pending.add(arch)
             if have is None or have.cache_key != key:
                 out.events.append(Event("Normal", "RollingOut", f"{arch}: serving engine {key}"))
-    for arch in list(engines):
+    for arch in engines:
         # a copy: engines may hold the previous status' own dicts
         eng = {k: v for k, v in engines[arch].items() if k != "servingCacheKey"}
-        if arch in serving_plan:
-            key = _serving_key(serving_plan[arch][2], observed.deployments.get(arch), arch in pending_rollout,
-                               prev.get(arch) or {})
+        if arch in plan:
+            key = _serving_key(plan[arch][2], observed.deployments.get(arch), arch in out.pending, prev.get(arch) or {})
             if key:
                 eng["servingCacheKey"] = key
-        engines[arch] = eng
+        out.engines[arch] = eng
     for arch, have in observed.deployments.items():
         if arch not in targets and have.replicas != 0:
             out.actions.append(Scale(have.name, 0))
             out.events.append(Event("Normal", "ScaledDown", f"{arch}: Deployment {have.name} scaled to 0"))
+    return out
 
-    # ---- conditions -----------------------------------------------------------------
+
+def status_of(model: render.ModelRef, spec: OptimizedModelSpec, generation: int | None, old_conditions: list,
+              now: str, targets: Mapping[str, Target], missing: list[str], engines: Mapping[str, dict],
+              observed: Observed, rollout: Rollout) -> dict:
     built = _built_condition(targets, engines, missing)
     gate = _gate_condition(spec, targets, engines)
-    serving = _serving_condition(serving_plan, observed, pending_rollout, spec.serving.replicas)
+    refused = {arch: observed.refused.get(render.deployment_name(model.name, arch))
+               or (observed.deployments[arch].quota if arch in observed.deployments else None)
+               for arch in rollout.plan}
+    serving = _serving_condition(rollout.plan, observed, rollout.pending, spec.serving.replicas,
+                                 {a: m for a, m in refused.items() if m})
     conds = [cond.ready_summary(built, gate, serving), built, gate, serving]
-    new_status = {
+    status = {
         "observedGeneration": generation,
         "conditions": cond.merge_conditions(old_conditions, conds, generation, now),
         "engines": [engines[a] for a in sorted(engines)],
     }
-    if serving_plan:
-        new_status["serving"] = {"endpoint": render.endpoint(model)}
+    if rollout.plan:
+        status["serving"] = {"endpoint": render.endpoint(model)}
         if not spec.serving.batching.autotune.enabled:
-            new_status["serving"]["maxWaitMs"] = batching.max_wait_ms
-    out.status = new_status
-    return out
+            status["serving"]["maxWaitMs"] = rollout.batching.max_wait_ms
+    return status
 
 
 def _serving_key(planned: str, dep: DeploymentView | None, pending: bool, old: Mapping) -> str | None:
@@ -542,9 +763,14 @@ def _gate_condition(spec: OptimizedModelSpec, targets: Mapping[str, Target], eng
     return cond.condition("AccuracyGatePassed", None, "Building", "waiting for builds")
 
 
-def _serving_condition(plan: Mapping[str, tuple], observed: Observed, pending: set[str], replicas: int) -> dict:
+def _serving_condition(plan: Mapping[str, tuple], observed: Observed, pending: set[str], replicas: int,
+                       refused: Mapping[str, str]) -> dict:
+    """refused: arch -> a ResourceQuota's refusal of its Deployment or of the Deployment's pods."""
     if not plan:
         return cond.condition("Serving", False, "NoEngine", "no engine is built yet")
+    quota = [(a, m) for a, m in refused.items() if a in plan and m]
+    if quota:
+        return cond.condition("Serving", False, "QuotaExceeded", "; ".join(f"{a}: {m}" for a, m in quota)[:1000])
     if replicas == 0:
         return cond.condition("Serving", True, "ScaledToZero", "spec.serving.replicas is 0")
     stuck = [(a, observed.deployments[a].stuck) for a in plan

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from optimodel.batching import BATCHING_FILE, BatchingConfig, dump_batching_config
 from optimodel.build import DETERMINISTIC_EXIT_CODES, BuildRequest
 from optimodel.spec import API_GROUP, API_VERSION, KIND, OptimizedModelSpec
-from optimodel.target import Target
+from optimodel.target import CPU_CLASS_NODE_LABELS, Target
 
 from optimodel_operator.discovery import GPU_RESOURCE, LABEL_MAJOR, LABEL_MINOR
 from optimodel_operator.settings import Settings
@@ -34,6 +34,7 @@ A_ARTIFACT = "optimodel.io/artifact-uri"
 A_KEY = "optimodel.io/cache-key"
 A_HASH = "optimodel.io/config-hash"
 A_GENERATION = "optimodel.io/generation"
+A_REBUILD = "optimodel.io/rebuild"  # on the OptimizedModel: a new value retries its failed builds once
 
 BUILDER, SERVER, BATCHING, REQUEST, SERVICE = "builder", "server", "batching", "build-request", "service"
 PORT = 8080
@@ -73,9 +74,10 @@ def child_name(*parts: str, limit: int = 63) -> str:
     return f"{full[:limit - 9].rstrip('-')}-{digest}"
 
 
-def job_name(model: str, target: Target, key: str) -> str:
-    # the key in the name makes a second Job for the same key an AlreadyExists, never a duplicate
-    return child_name(model, "build", target.arch, key[:10])
+def job_name(model: str, target: Target, key: str, attempt: int = 0) -> str:
+    # the key in the name makes a second Job for the same key an AlreadyExists, never a duplicate;
+    # a retry (rebuild annotation, transient failure) is a new attempt with its own name
+    return child_name(model, "build", target.arch, key[:10], f"r{attempt}" if attempt else "")
 
 
 def deployment_name(model: str, arch: str) -> str:
@@ -143,12 +145,38 @@ def _storage_mounts(claims: list[str], settings: Settings, read_only: bool) -> t
     return volumes, mounts
 
 
+def cpu_class_affinity(target: Target) -> dict | None:
+    """Nodes of the target's CPU class (Node Feature Discovery labels; the terms are ORed)."""
+    node_labels = CPU_CLASS_NODE_LABELS.get(target.cpu_class or "portable", ())
+    if target.kind != "cpu" or not node_labels:
+        return None
+    terms = [{"matchExpressions": [{"key": label, "operator": "In", "values": ["true"]}]} for label in node_labels]
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
+
+
+def with_limits(resources) -> dict:
+    """Requests and limits for cpu and memory, so a namespace's ResourceQuota (which refuses pods
+    without them when it caps limits) and LimitRange apply: a missing limit is its request, a
+    missing request its limit (what the API server defaults it to anyway)."""
+    out = json.loads(json.dumps(dict(resources or {})))
+    requests, limits = out.setdefault("requests", {}), out.setdefault("limits", {})
+    for name in ("cpu", "memory"):
+        if name in requests and name not in limits:
+            limits[name] = requests[name]
+        elif name in limits and name not in requests:
+            requests[name] = limits[name]
+    return out
+
+
 def _pod_common(settings: Settings, target: Target) -> dict:
     pod: dict = {"securityContext": dict(RESTRICTED_POD)}
     selector = node_selector(target)
     if selector:
         pod["nodeSelector"] = selector
         pod["tolerations"] = [dict(t) for t in settings.tolerations]
+    affinity = cpu_class_affinity(target)
+    if affinity:
+        pod["affinity"] = affinity
     if settings.service_account:
         pod["serviceAccountName"] = settings.service_account
     return pod
@@ -164,9 +192,11 @@ def _env(spec: OptimizedModelSpec, settings: Settings) -> tuple[list[dict], list
     return env, env_from
 
 
-def build_request(model: ModelRef, spec: OptimizedModelSpec, target: Target, key: str, artifact: str) -> BuildRequest:
+def build_request(model: ModelRef, spec: OptimizedModelSpec, target: Target, key: str, artifact: str,
+                  toolchain: dict[str, str] | None = None, timing_cache: str | None = None) -> BuildRequest:
     return BuildRequest(namespace=model.namespace, model_name=model.name, source=spec.model,
-                        optimization=spec.optimization, target=target,
+                        optimization=spec.optimization, target=target, toolchain=toolchain or {},
+                        timing_cache_uri=timing_cache,
                         max_batch_size=spec.serving.max_batch_size, cache_key=key, artifact_uri=artifact)
 
 
@@ -201,7 +231,7 @@ def builder_job(model: ModelRef, spec: OptimizedModelSpec, target: Target, key: 
     volumes, mounts = _storage_mounts(pvc_claims(spec, settings.store_uri), settings, read_only=False)
     volumes.append({"name": "request", "configMap": {"name": name}})
     mounts.append({"name": "request", "mountPath": REQUEST_DIR, "readOnly": True})
-    resources = json.loads(json.dumps(dict(settings.builder_resources)))
+    resources = with_limits(settings.builder_resources)
     if target.kind == "gpu":
         resources.setdefault("limits", {})[GPU_RESOURCE] = 1
     container = {
@@ -269,9 +299,7 @@ def deployment(model: ModelRef, spec: OptimizedModelSpec, target: Target, artifa
     volumes, mounts = _storage_mounts(pvc_claims(spec, settings.store_uri), settings, read_only=True)
     volumes.append({"name": "batching", "configMap": {"name": batching_name(model.name)}})
     mounts.append({"name": "batching", "mountPath": BATCHING_DIR, "readOnly": True})
-    resources = {}
-    if spec.serving.resources:
-        resources = spec.serving.resources.wire()
+    resources = with_limits(spec.serving.resources.wire() if spec.serving.resources else settings.server_resources)
     if target.kind == "gpu":
         resources.setdefault("limits", {})[GPU_RESOURCE] = 1
     probe = lambda path, delay: {"httpGet": {"path": path, "port": "http"}, "initialDelaySeconds": delay,

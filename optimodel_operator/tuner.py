@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from optimodel import storage
-from optimodel.batching import BatchingConfig, dump_batching_config
+from optimodel.batching import BatchingConfig
 from optimodel.spec import API_GROUP, API_VERSION, PLURAL, OptimizedModelSpec
 from optimodel.tuning import policy
 from optimodel.tuning.model import EngineProfile

@@ -17,7 +17,6 @@ tensor(string) takes), so elements must be UTF-8.
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from dataclasses import dataclass, field

@@ -248,3 +248,20 @@ def test_an_unexpected_error_is_one_clear_result(make_request, build, store, mon
     monkeypatch.setattr(compile_stage, "compile_cpu", explode)
     result = build(make_request())
     _assert_failed(result, BuildReason.BUILD_FAILED, store, "ZeroDivisionError", "surprise")
+
+
+def test_a_request_naming_another_toolchain_is_refused_before_any_work(make_request, build, store):
+    request = make_request().model_copy(update={"toolchain": {"onnxruntime": "0.0.1", "builderImage": "reg/b:1"}})
+    result = build(request)
+    assert (result.state, result.reason) == ("Failed", BuildReason.TOOLCHAIN_MISMATCH)
+    assert "onnxruntime 0.0.1 asked" in result.message
+    assert not published_files(store)
+
+
+def test_a_vnni_build_on_a_host_without_vnni_is_refused(make_request, build, store, monkeypatch):
+    from builder_job import pipeline
+
+    monkeypatch.setattr(pipeline, "host_cpu_class", lambda: "portable")
+    result = build(make_request(target=Target(arch="cpu", cpu_class="vnni")))
+    assert (result.state, result.reason) == ("Failed", BuildReason.CPU_CLASS_MISMATCH)
+    assert "schedule on a VNNI node" in result.message

@@ -71,10 +71,22 @@ def test_prune_rounds_channels_and_never_prunes_the_classifier(teacher, example)
     assert linear.out_features == 10
 
 
+def test_taylor_pruning_ranks_channels_by_gradients_on_data(teacher, example, digits_build):
+    images = torch.from_numpy(np.load(digits_build / "digits_calib.npz")["image"][:64])
+    taylor = prune_model(teacher, (example,), ratio=0.3, method="taylor", round_to=8, data=(images,))
+    l2 = prune_model(teacher, (example,), ratio=0.3, method="l2", round_to=8)
+    assert taylor.macs_after < taylor.macs_before
+    assert [c.out_channels for c in _convs(taylor.model)] == [c.out_channels for c in _convs(l2.model)]
+    # same widths, other channels kept: the ranking came from the gradients, not the weight norms
+    kept = [c.weight.detach() for c in _convs(taylor.model)][0]
+    assert not torch.equal(kept, [c.weight.detach() for c in _convs(l2.model)][0])
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher is left untouched
+
+
 def test_prune_refuses_what_it_cannot_do(teacher, example):
     with pytest.raises(BuildError) as err:
-        prune_model(teacher, (example,), ratio=0.5, method="taylor")
-    assert err.value.reason == BuildReason.NOT_IMPLEMENTED
+        prune_model(teacher, (example,), ratio=0.5, method="taylor")  # no data for the gradients
+    assert err.value.reason == BuildReason.PRUNING_UNSUPPORTED and "datasetUri" in err.value.message
     scripted = torch.jit.trace(teacher, example)
     with pytest.raises(BuildError) as err:
         prune_model(scripted, (example,), ratio=0.5)

@@ -11,9 +11,10 @@ import pytest
 from optimodel import storage
 from optimodel.batching import BatchingConfig, load_batching_config, write_batching_config
 from optimodel.build import DETERMINISTIC_EXIT_CODES, BuildReason, BuildResult, exit_code_for
-from optimodel.cache_key import cache_key, canonical_options, model_digest, toolchain_versions
+from optimodel.cache_key import (builder_toolchain, cache_key, canonical_options, model_digest, toolchain_mismatch,
+                                 toolchain_versions)
 from optimodel.spec import ModelSource, Optimization
-from optimodel.target import CPU, Target
+from optimodel.target import CPU, Target, host_cpu_class
 
 SOURCE = ModelSource.model_validate({"uri": "s3://b/m.onnx", "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 4]}]})
 TOOLS = {"onnxruntime": "1.20", "tensorrt": "10.7"}
@@ -30,10 +31,37 @@ def test_cache_key_is_stable_and_sensitive():
     assert key(opt=Optimization(precision="int8")) != base
     assert key(mbs=64) != base
     assert key(target=Target(arch="sm80")) != base
-    assert key(target=Target(arch="sm90", product="NVIDIA-H200")) != base
+    # engines, Jobs and Deployments are per architecture: two products of one arch share the engine
+    assert key(target=Target(arch="sm90", product="NVIDIA-H200")) == base
     assert key(tools={**TOOLS, "tensorrt": "11.0"}) != base
     pinned = SOURCE.model_copy(update={"sha256": "a" * 64})
     assert key(source=pinned) != base
+
+
+def test_cpu_class_and_builder_toolchain_change_the_key():
+    portable, vnni = Target(arch="cpu", cpu_class="portable"), Target(arch="cpu", cpu_class="vnni")
+    assert key(target=portable) != key(target=vnni)
+    # unset: the build host's class, so a local run's key says which recipe it used
+    assert key(target=CPU) == key(target=Target(arch="cpu", cpu_class=host_cpu_class()))
+    assert key(tools=builder_toolchain("reg/builder:1", None)) != key(tools=builder_toolchain("reg/builder:2", None))
+    pinned = "reg/builder@sha256:" + "c" * 64
+    assert builder_toolchain(pinned, None) == {"builderImage": pinned}
+    # declared versions stand for the image (a retag with the same toolchain keeps its engines)
+    assert builder_toolchain("reg/builder:2", TOOLS) == TOOLS
+    with pytest.raises(ValueError, match="cpuClass is only for the cpu target"):
+        Target(arch="sm90", cpu_class="vnni")
+
+
+def test_host_cpu_class_reads_the_vnni_flags():
+    assert host_cpu_class("flags : fpu avx2 avx512f avx512_vnni") == "vnni"
+    assert host_cpu_class("flags : fpu avx2 avx_vnni") == "vnni"
+    assert host_cpu_class("flags : fpu avx2 fma") == "portable"
+
+
+def test_toolchain_mismatch_names_each_package():
+    installed = toolchain_versions(CPU)
+    assert toolchain_mismatch({**installed, "builderImage": "x"}, CPU) == {}
+    assert toolchain_mismatch({"onnx": "0.0.1"}, CPU) == {"onnx": ("0.0.1", installed["onnx"])}
 
 
 def test_model_code_changes_the_key():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from optimodel.manifest import ManifestError, load_manifests, parse_manifest, parse_spec
+from optimodel.manifest import ManifestError, load_manifests, parse_manifest
 from optimodel.spec import OptimizedModelSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,12 +121,6 @@ def test_autotune_bounds_and_slo():
 def test_gate_max_drop_default():
     spec = parse_manifest(with_spec(optimization={"accuracyGate": {"datasetUri": "s3://b/gate.npz"}}), "t").spec
     assert spec.optimization.accuracy_gate.max_drop == 0.005
-
-
-def test_parse_spec_prefixes_path_for_status_reasons():
-    with pytest.raises(ManifestError) as info:
-        parse_spec({"model": {"uri": "file:///m.onnx", "inputs": []}})
-    assert info.value.errors[0].path == "spec.model.inputs"
 
 
 def test_load_manifests_reports_file_and_document(tmp_path):

@@ -156,9 +156,9 @@ class Emulator(kmock.KubernetesEmulator):
 
     # ---- test controls -----------------------------------------------------------------
     def fail(self, method: str, plural: str, status: int = 409, times: int = 1, subresource: str | None = None,
-             reason: str = "Conflict") -> None:
+             reason: str = "Conflict", message: str = "injected by the test") -> None:
         self._faults.append({"method": method.upper(), "plural": plural, "status": status, "times": times,
-                             "subresource": subresource, "reason": reason})
+                             "subresource": subresource, "reason": reason, "message": message})
 
     def count(self, method: str, plural: str, subresource: str | None = None) -> int:
         """How many requests of this method went to this resource."""
@@ -236,7 +236,7 @@ class Emulator(kmock.KubernetesEmulator):
                     and request.resource.plural == fault["plural"]
                     and (fault["subresource"] is None or fault["subresource"] == request.subresource)):
                 fault["times"] -= 1
-                raise ApiError(fault["status"], fault["reason"], "injected by the test")
+                raise ApiError(fault["status"], fault["reason"], fault["message"])
 
     def get_raw(self, request: rendering.Request) -> dict:
         key = (request.resource, request.namespace, request.name)

@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from optimodel.cache_key import toolchain_versions
+from optimodel.target import CPU
+
 from operator_helpers import (NS, OM, complete_job, condition, deployments, engine, eventually, jobs,
                               make_available, running_operator, start_job, terminate_pod)
 
@@ -62,6 +65,9 @@ async def test_cluster_example_builds_with_its_code_and_reports_accuracy(kmock, 
     monkeypatch.delenv("OPTIMODEL_ALLOW_FILE_URIS")
     monkeypatch.setenv("OPTIMODEL_STORE_URI", "pvc://optimodel-store/artifacts")
     monkeypatch.setenv("OPTIMODEL_PVC_ROOT", str(pvc))
+    # the versions the builder "image" (this environment) has, as the chart passes them; the
+    # builder refuses a request whose key names others (tests/builder/test_bad_input.py)
+    monkeypatch.setenv("OPTIMODEL_BUILDER_TOOLCHAIN", json.dumps(toolchain_versions(CPU)))
 
     manifest = yaml.safe_load(EXAMPLE.read_text())
     manifest["metadata"]["namespace"] = NS

@@ -248,7 +248,9 @@ async def test_job_deleted_by_hand_is_recreated(kmock, operator, tmp_path):
     await kmock.remove("batch/v1/jobs", NS, job["metadata"]["name"])
     again = await eventually(lambda: kmock.count("POST", "jobs") == 2 and jobs(kmock), what="Job recreated")
     assert again[0]["metadata"]["name"] == job["metadata"]["name"]
-    assert "BuildJobMissing" in {e["reason"] for e in kmock.live("v1/events", NS)}
+    # events are posted after the create and the status write
+    await eventually(lambda: "BuildJobMissing" in {e["reason"] for e in kmock.live("v1/events", NS)},
+                     what="the BuildJobMissing event")
 
 
 async def test_conflicts_are_retried(kmock, operator, tmp_path):

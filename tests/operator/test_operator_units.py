@@ -159,6 +159,57 @@ def test_toolchain_and_max_batch_size_change_the_key_but_replicas_do_not():
     assert of(run(spec), CreateJob)[0].cache_key != base
 
 
+def test_key_follows_the_builder_image_and_the_cpu_class_and_never_the_operators_environment():
+    spec = model(targets={"gpuArchitectures": [], "cpu": True})["spec"]
+
+    def cpu_job(**settings):
+        d = decide(model=REF, raw_spec=spec, generation=1, status=None, fleet={}, observed=Observed(),
+                   settings=Settings(store_uri="file:///store", allow_file_uris=True, **settings),
+                   published=lambda uri: False, secret_exists=lambda name: True, now=NOW)
+        return of(d, CreateJob)[0]
+
+    image1, image2 = cpu_job(builder_image="reg/b:1"), cpu_job(builder_image="reg/b:2")
+    assert image1.cache_key != image2.cache_key
+    request = json.loads(image1.request["data"]["request.json"])
+    assert request["toolchain"] == {"builderImage": "reg/b:1"}
+    assert request["target"]["cpuClass"] == "portable"
+    # declared versions (the chart's builder.toolchain) are the key's toolchain, whatever the tag
+    assert cpu_job(builder_image="reg/b:1", toolchain=TOOLCHAIN).cache_key == \
+        cpu_job(builder_image="reg/b:2", toolchain=TOOLCHAIN).cache_key
+    portable, vnni = cpu_job(), cpu_job(cpu_class="vnni")
+    assert portable.cache_key != vnni.cache_key
+    # a vnni engine is built and served only on VNNI nodes; a portable one anywhere
+    assert "affinity" not in portable.job["spec"]["template"]["spec"]
+    terms = vnni.job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {t["matchExpressions"][0]["key"] for t in terms} == {
+        "feature.node.kubernetes.io/cpu-cpuid.AVX512VNNI", "feature.node.kubernetes.io/cpu-cpuid.AVXVNNI"}
+    vnni_settings = Settings(store_uri="file:///store", allow_file_uris=True, cpu_class="vnni")
+    dep = render.deployment(REF, reconcile.OptimizedModelSpec.model_validate(spec), vnni_settings.cpu_target,
+                            "file:///store/x", vnni.cache_key, vnni_settings)
+    assert dep["spec"]["template"]["spec"]["affinity"] == vnni.job["spec"]["template"]["spec"]["affinity"]
+    with pytest.raises(SettingsError, match="OPTIMODEL_CPU_CLASS"):
+        Settings.from_env({"OPTIMODEL_CPU_CLASS": "avx9000"})
+
+
+def test_gpu_builds_share_a_timing_cache_per_arch_and_tensorrt_version():
+    request = json.loads(of(run(), CreateJob)[0].request["data"]["request.json"])
+    assert request["timingCacheUri"] == f"file:///store/_timing-cache/sm80/tensorrt-{TOOLCHAIN['tensorrt']}.cache"
+    cpu = of(run(spec=model(targets={"gpuArchitectures": [], "cpu": True})["spec"]), CreateJob)[0]
+    assert "timingCacheUri" not in json.loads(cpu.request["data"]["request.json"])
+    by_image = Settings(builder_image="reg/b:1").tensorrt_version()
+    assert by_image.startswith("image-") and by_image != Settings(builder_image="reg/b:2").tensorrt_version()
+
+
+def test_two_products_of_one_arch_share_key_job_and_deployment():
+    other = Target(arch="sm80", product="NVIDIA-A100-PCIE-40GB")
+    a, b = of(run(fleet={"sm80": SM80}), CreateJob)[0], of(run(fleet={"sm80": other}), CreateJob)[0]
+    assert (a.name, a.cache_key) == (b.name, b.cache_key)
+    # the Job's node selector, like the Deployment's, names the architecture, not the product
+    assert a.job["spec"]["template"]["spec"]["nodeSelector"] == {
+        "nvidia.com/gpu.compute.major": "8", "nvidia.com/gpu.compute.minor": "0"}
+
+
 def _built_status(spec=None):
     """status and observed world of a model serving on sm80."""
     d = run(spec)
@@ -384,3 +435,62 @@ def test_file_store_is_refused_unless_every_pod_sees_the_operators_files():
     assert allowed.allow_file_uris and allowed.store_uri == "file:///store"
     with pytest.raises(SettingsError, match="OPTIMODEL_ALLOW_FILE_URIS"):
         Settings.from_env({"OPTIMODEL_ALLOW_FILE_URIS": "yes"})
+
+
+# ---- the decision's steps, one by one -------------------------------------------------------------
+
+def test_stop_unwanted_builds_says_why():
+    old_key = JobView("digits-build-sm80-old", "sm80", "old", "Active")
+    gone = JobView("digits-build-sm90-x", "sm90", "x", "Active")
+    done = JobView("digits-build-sm80-done", "sm80", "done", "Failed")
+    going = JobView("digits-build-sm80-going", "sm80", "going", "Active", deleting=True)
+    stops = reconcile.stop_unwanted_builds([old_key, gone, done, going], {"digits-build-sm80-new"}, {"sm80": SM80})
+    assert [(a.name, a.why) for a, _ in stops] == [
+        ("digits-build-sm80-old", "the spec changed its cache key"),
+        ("digits-build-sm90-x", "its architecture left the fleet")]
+
+
+def test_departed_engines_keep_their_artifact_and_missing_ones_wait():
+    prev = {"sm80": {"arch": "sm80", "state": "Ready", "cacheKey": "k", "artifactUri": "s3://a", "jobName": "j"},
+            "cpu": {"arch": "cpu", "state": "Ready", "cacheKey": "c"}}
+    out = reconcile.departed_engines(prev, targets={}, missing=["sm90"], fleet={})
+    assert out["sm80"]["state"] == "Removed" and out["sm80"]["reason"] == "ArchitectureGone"
+    assert out["sm80"]["artifactUri"] == "s3://a" and "jobName" not in out["sm80"]
+    assert out["cpu"]["reason"] == "NotRequested"
+    assert out["sm90"] == {"arch": "sm90", "state": "Pending", "reason": "NoNodes",
+                           "message": "no schedulable nodes with compute capability sm90"}
+
+
+def test_plan_rollout_keeps_the_previous_engine_until_the_new_one_is_ready():
+    spec = reconcile.OptimizedModelSpec.model_validate(model()["spec"])
+    old = DeploymentView("digits-sm80", "sm80", "s3://old", "old", "h", 2, True)
+    building = {"sm80": {"arch": "sm80", "state": "Building", "cacheKey": "new"}}
+    rollout = reconcile.plan_rollout(REF, spec, SETTINGS, {"sm80": SM80}, building,
+                                     Observed(deployments={"sm80": old}), {"sm80": {"servingCacheKey": "old"}})
+    assert rollout.plan["sm80"][1:] == ("s3://old", "old")
+    assert rollout.engines["sm80"]["servingCacheKey"] == "old"
+    # an architecture gone from the targets: its Deployment is scaled to 0
+    gone = reconcile.plan_rollout(REF, spec, SETTINGS, {}, {}, Observed(deployments={"sm80": old}), {})
+    assert [(type(a).__name__, a.name, a.replicas) for a in gone.actions] == [("Scale", "digits-sm80", 0)]
+
+
+def test_engine_step_for_one_architecture():
+    spec = reconcile.OptimizedModelSpec.model_validate(model()["spec"])
+
+    def step(old=None, **kw):
+        args = dict(model=REF, spec=spec, settings=SETTINGS, observed=Observed(), generation=1,
+                    published=lambda uri: False, secret_exists=lambda name: True, rebuild=None, now=NOW)
+        args.update(kw)
+        return reconcile.engine_step("sm80", SM80, "k" * 32, reconcile.Tries(), old or {}, **args)
+
+    new = step()
+    assert new.engine["state"] == "Building" and [type(a).__name__ for a in new.actions] == ["CreateJob"]
+    assert [e.reason for e in new.events] == ["BuildStarted"]
+    hit = step(published=lambda uri: True)
+    assert (hit.engine["state"], hit.engine["reason"], hit.actions) == ("Ready", "CacheHit", [])
+    secret_spec = reconcile.OptimizedModelSpec.model_validate(
+        {**model()["spec"], "model": {**model()["spec"]["model"], "credentialsSecret": "creds"}})
+    waiting = step(spec=secret_spec, secret_exists=lambda name: False)
+    assert waiting.engine["reason"] == "SecretMissing" and not waiting.actions
+    quota = step(observed=Observed(refused={new.actions[0].name: "exceeded quota: q"}))
+    assert quota.engine["reason"] == "QuotaExceeded" and [type(a).__name__ for a in quota.actions] == ["CreateJob"]

@@ -24,6 +24,9 @@ local degradedReasons = {
   NoGPU = true,
   NotImplemented = true,
   PublishFailed = true,
+  ToolchainMismatch = true,
+  CPUClassMismatch = true,
+  QuotaExceeded = true,
   StoreUnavailable = true,
   DeploymentFailed = true,
 }

@@ -151,7 +151,7 @@ class ServerProcess:
                                       "--log-level", "warning"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
-        from optimodel.local_run import LocalRunError, wait_ready
+        from optimodel_local.run import LocalRunError, wait_ready
 
         try:
             wait_ready(self.proc, f"http://127.0.0.1:{self.port}", timeout_s=timeout, poll_s=0.1)

@@ -18,7 +18,8 @@ from builder_job import gate, runtime
 from builder_job.errors import BuildError
 from builder_job.load import build_entrypoint
 from builder_job.macs import onnx_macs
-from builder_job.profile import ProfileSettings, batch_sizes, profile_latency
+from builder_job.profile import ProfileSettings, profile_latency
+from optimodel.batching import batch_size_ladder
 from builder_job.stagelog import StageLog
 from builder_job.tensorrt_engine import GpuInfo, profile_shapes
 
@@ -49,7 +50,7 @@ def test_cpu_quota_from_cgroup_v1_and_without_cgroup(tmp_path):
 
 @pytest.mark.parametrize("largest", [1, 3, 8, 12, 32])
 def test_batch_sizes_are_powers_of_two_up_to_the_max(largest):
-    sizes = batch_sizes(largest)
+    sizes = batch_size_ladder(largest)
     assert sizes[0] == 1 and sizes[-1] == largest
     assert all(b == 2 ** i for i, b in enumerate(sizes[:-1]))
     assert sizes == sorted(set(sizes))

@@ -4,16 +4,26 @@ Requests leave at Poisson-scheduled times whatever the server does, and each
 latency counts from that scheduled time, so a stalled server cannot hide its slow
 requests behind a client that waited (coordinated omission). Raw keep-alive
 streams: an HTTP library would cost more CPU per request than the server does.
+
+The demo runs it as its own process (`python -m optimodel_local.demo.load`): in the
+demo's process the tuner's replay holds the GIL for tens of milliseconds per
+decision, which would delay sends and show up in a p99 that is the client's own.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -125,3 +135,59 @@ class StepLoad:
             await asyncio.wait(tasks, timeout=5)
         while not pool.empty():
             pool.get_nowait()[1].close()
+
+
+SAMPLE_DTYPE = np.dtype([("at", "f8"), ("phase", "i2"), ("status", "i2"), ("latency_ms", "f8")])
+
+
+def save_samples(path: Path, samples: list[Sample]) -> None:
+    table = np.array([(s.at, s.phase, s.status, np.nan if s.latency_ms is None else s.latency_ms)
+                      for s in samples], dtype=SAMPLE_DTYPE)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        np.save(f, table)
+    os.replace(tmp, path)
+
+
+def load_samples(path: Path) -> list[Sample]:
+    table = np.load(path)
+    return [Sample(float(r["at"]), int(r["phase"]), int(r["status"]),
+                   None if np.isnan(r["latency_ms"]) else float(r["latency_ms"])) for r in table]
+
+
+def parse_phases(text: str) -> list[Phase]:
+    """name:rate:seconds,name:rate:seconds,..."""
+    phases = []
+    for part in text.split(","):
+        name, rate, seconds = part.split(":")
+        phases.append(Phase(name, float(rate), float(seconds)))
+    return phases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m optimodel_local.demo.load", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", required=True, help="the infer endpoint")
+    parser.add_argument("--bodies", required=True, type=Path, help="request bodies, one JSON document per line")
+    parser.add_argument("--phases", required=True, type=parse_phases, help="name:rate:seconds,...")
+    parser.add_argument("--out", required=True, type=Path, help="every request's schedule, status, latency (.npy)")
+    args = parser.parse_args(argv)
+    bodies = [line.encode() for line in args.bodies.read_text().splitlines() if line.strip()]
+
+    def announce(index: int, phase: Phase) -> None:
+        print(f"phase {index} {phase.name} {phase.rate:g} {phase.seconds:g}", flush=True)
+
+    load = StepLoad(args.url, bodies, args.phases, on_phase=announce).start()
+    try:
+        while not load.join(0.5):
+            pass
+    except KeyboardInterrupt:  # the demo stops its children with SIGINT: nothing is written then
+        load.stop()
+        return 130
+    save_samples(args.out, load.samples)
+    print("done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,8 @@ import json
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,7 +25,7 @@ from optimodel_local import run as local_run
 from optimodel_local.command import make_tuner
 from optimodel_local.demo import build as demo_build
 from optimodel_local.demo.children import Children, sigterm_as_interrupt
-from optimodel_local.demo.load import Phase, StepLoad
+from optimodel_local.demo.load import Phase, load_samples
 from optimodel_local.demo.report import (TunerEvent, fmt_ms, inf_to_none, phase_rows, timeline,
                                          write_json_atomic)
 
@@ -31,6 +33,7 @@ EXIT_INTERRUPTED = 130
 # the figures policy.decide puts first in a message, which the decision line already shows
 FIGURES = re.compile(r"^p99 .*? ms/batch(, queue wait p99 \S+ ms)?: ")
 REPORT, PLOT, REQUEST = "report.json", "report.png", "request.json"
+LOAD_REQUESTS, LOAD_SAMPLES = "load-requests.jsonl", "load-samples.npy"
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -65,7 +68,7 @@ class Demo:
         self.part = "start-up"
         self.timings: dict[str, float] = {}
         self.tuner_stop: threading.Event | None = None
-        self.load: StepLoad | None = None
+        self.samples: list = []
 
     # ---- the five parts --------------------------------------------------------------------
 
@@ -106,13 +109,13 @@ class Demo:
         with self._part("load"):
             events = self._load_and_tune(model, optimized, base, phases)
         with self._part("report"):
-            rows = phase_rows(phases, self.load.samples, events, initial, slo)
-            line = timeline(self.load.samples, events, initial, self.load.total_seconds)
+            rows = phase_rows(phases, self.samples, events, initial, slo)
+            line = timeline(self.samples, events, initial, sum(p.seconds for p in phases))
             curl, answer = self._curl_line(model, base)
             data = self._report_data(model, optimized, verdict, passed, figures, rows, line, events, slo, initial)
             from optimodel_local.demo.plot import write_plot
 
-            write_plot(self.dir / PLOT, line, inf_to_none(rows), slo, data["tuner"]["decisions"],
+            write_plot(self.dir / PLOT, line, inf_to_none(rows), slo, data["tuner"]["decisions"], initial,
                        f"optimodel demo: {model.metadata.name}, p99 SLO {slo:g} ms, autotune on")
         self.timings["total"] = time.monotonic() - began
         data["timings"] = {k: round(v, 1) for k, v in self.timings.items()}
@@ -129,26 +132,40 @@ class Demo:
     def _load_and_tune(self, model, optimized, base: str, phases: list[Phase]) -> list[TunerEvent]:
         events: list[TunerEvent] = []
         data = np.load(self.dir / demo_build.DATA_DIR / "digits_test.npz")
-        bodies = [_infer_body(img[None]) for img in data["image"][:64]]
+        bodies, samples = self.dir / LOAD_REQUESTS, self.dir / LOAD_SAMPLES
+        bodies.write_bytes(b"\n".join(_infer_body(img[None]) for img in data["image"][:64]) + b"\n")
+        samples.unlink(missing_ok=True)
         url = f"{base}/v2/models/{model.metadata.name}/infer"
         total = sum(p.seconds for p in phases)
         self.console.print(f"[bold]4. load[/]  open loop, {' → '.join(f'{p.rate:g}/s' for p in phases)} "
                            f"over {total:.0f}s; tuner every {self.args.tune_interval:g}s")
-        self.load = StepLoad(url, bodies, phases, on_phase=lambda i, p: self.console.print(
-            f"  phase {i + 1}/{len(phases)}: {p.name}, {p.rate:g} req/s for {p.seconds:g}s", style="cyan"))
+        started: list[float] = []
 
         def on_decision(line: str) -> None:
             d = tuner.decisions[-1]
-            at = time.monotonic() - self.load.started_at if self.load.started_at else 0.0
+            at = time.monotonic() - started[0] if started else 0.0
             events.append(TunerEvent(round(at, 2), d.window_ms, d.previous_ms, d.reason, d.message))
             self._print_decision(line, d.reason)
 
         tuner = make_tuner(model, optimized.build, self.store, base, self.args.tune_interval, echo=on_decision)
+        spec = ",".join(f"{p.name}:{p.rate:g}:{p.seconds:g}" for p in phases)
+        proc = self.children.start([sys.executable, "-m", "optimodel_local.demo.load", "--url", url,
+                                    "--bodies", str(bodies), "--phases", spec, "--out", str(samples)],
+                                   stdout=subprocess.PIPE, text=True, env=local_run.child_env())
         _, self.tuner_stop = tuner.start(self.args.tune_interval)
-        self.load.start()
-        while not self.load.join(0.2):
-            pass
+        for line in proc.stdout:
+            if line.startswith("phase "):
+                index = int(line.split()[1])
+                if not started:
+                    started.append(time.monotonic())
+                p = phases[index]
+                self.console.print(f"  phase {index + 1}/{len(phases)}: {p.name}, {p.rate:g} req/s for {p.seconds:g}s",
+                                   style="cyan")
+        proc.wait()
         self.tuner_stop.set()
+        if proc.returncode != 0 or not samples.exists():
+            raise local_run.LocalRunError(f"the load generator exited with code {proc.returncode}")
+        self.samples = load_samples(samples)
         return events
 
     def _print_decision(self, line: str, reason: str) -> None:
@@ -157,10 +174,8 @@ class Demo:
         cut = line.find(f"  {reason}:")
         head, why = (line[:cut], line[cut + 2 + len(reason) + 1:].strip()) if cut > 0 else (line, "")
         why = FIGURES.sub("", why, count=1)
-        changed = " → " in head
-        self.console.print(Text(f"  {head}  {reason}", style="green" if changed else ""))
-        if why and why != "holding":
-            self.console.print(Padding(Text(why, style="dim"), (0, 0, 0, 12)))
+        self.console.print(Text(head, style="green" if " → " in head else ""))
+        self.console.print(Padding(Text(f"{reason}: {why}" if why else reason, style="dim"), (0, 0, 0, 12)))
 
     # ---- the report --------------------------------------------------------------------
 
@@ -235,12 +250,10 @@ class Demo:
     def stop(self) -> int:
         if self.tuner_stop is not None:
             self.tuner_stop.set()
-        if self.load is not None:
-            self.load.stop()
         return self.children.stop_all()
 
     def _forget_old_report(self) -> None:
-        for name in (REPORT, PLOT):
+        for name in (REPORT, PLOT, LOAD_SAMPLES):
             (self.dir / name).unlink(missing_ok=True)
 
     def remove_partial(self) -> int:

@@ -64,8 +64,9 @@ def phase_rows(phases: list[Phase], samples: list[Sample], events: list[TunerEve
 
 
 def timeline(samples: list[Sample], events: list[TunerEvent], initial_window: float, seconds: float,
-             step_s: float = 1.0) -> dict:
-    """Per-step arrival rate, p99 of the requests sent in that step, and the window in force."""
+             step_s: float = 2.0) -> dict:
+    """Per-step arrival rate, p99 of the requests sent in that step, and the window in force at its end.
+    Steps of 2 s: at 100 req/s a p99 needs a few hundred requests to be more than the slowest one."""
     n = max(1, int(math.ceil(seconds / step_s)))
     buckets: list[list[Sample]] = [[] for _ in range(n)]
     for s in samples:
@@ -73,12 +74,13 @@ def timeline(samples: list[Sample], events: list[TunerEvent], initial_window: fl
     t, rate, p99, window = [], [], [], []
     for i, bucket in enumerate(buckets):
         ok = [s.latency_ms for s in bucket if s.status == 200]
-        t.append(round((i + 0.5) * step_s, 2))
-        rate.append(round(len(bucket) / step_s, 1))
+        width = min(step_s, seconds - i * step_s)  # the last step may be shorter
+        t.append(round(i * step_s + width / 2, 2))
+        rate.append(round(len(bucket) / width, 1))
         value = percentile(ok, 99, len(bucket)) if bucket else None
         p99.append(None if value is None or math.isinf(value) else value)
         window.append(window_at(events, (i + 1) * step_s, initial_window))
-    return {"t": t, "arrivalRps": rate, "p99Ms": p99, "windowMs": window}
+    return {"stepSeconds": step_s, "t": t, "arrivalRps": rate, "p99Ms": p99, "windowMs": window}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -135,7 +135,7 @@ def test_ctrl_c_during_the_load_stops_everything(demo_run, tmp_path):
         last = interrupt(proc, lines)
     finally:
         proc.kill()
-    assert last.startswith("interrupted during load: stopped 1 process(es)"), "\n".join(lines[-20:])
+    assert last.startswith("interrupted during load: stopped 2 process(es)")  # the server and the load, "\n".join(lines[-20:])
     assert processes_mentioning(str(folder)) == []
     assert not (folder / "report.json").exists() and not (folder / "report.png").exists()
     assert half_written(folder) == []

@@ -90,7 +90,7 @@ def build(manifest: Path, store: Path, children: Children, console: Console, tit
     progress = Progress(SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"),
                         TextColumn("{task.elapsed:>6.1f}s"), console=console, transient=False)
     console.print(f"[bold]{title}[/]")
-    with progress, log.open("a") as sink:
+    with progress, log.open("a", buffering=1) as sink:  # line by line: the log shows where a build is
         tasks: dict[str, int] = {}
         for line in proc.stderr:
             sink.write(line)

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup prometheus demo test test-fast bench crd clean
+.PHONY: setup prometheus demo test test-fast bench crd grpc-stubs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ bench: setup
 
 crd: setup
 	$(PY) -m optimodel crd -o crds/optimizedmodel.yaml
+
+# The gRPC stubs are generated here and committed (serving images need no protoc); rerun after editing the .proto
+GRPC_DIR := serving_image/grpc_v2
+grpc-stubs: setup
+	$(PY) -m grpc_tools.protoc -I $(GRPC_DIR) --python_out=$(GRPC_DIR) --grpc_python_out=$(GRPC_DIR) $(GRPC_DIR)/grpc_predict_v2.proto
+	# a private descriptor pool: tritonclient registers the same inference.* names in the default one
+	sed -i 's/_descriptor_pool.Default()/_descriptor_pool.DescriptorPool()/' $(GRPC_DIR)/grpc_predict_v2_pb2.py
+	sed -i 's/^import grpc_predict_v2_pb2 as/from serving_image.grpc_v2 import grpc_predict_v2_pb2 as/' $(GRPC_DIR)/grpc_predict_v2_pb2_grpc.py
 
 clean:
 	rm -rf .optimodel examples/build

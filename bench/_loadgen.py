@@ -48,6 +48,7 @@ class Result:
     error_kinds: dict = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     duration_s: float = 0.0
+    send_s: float = 0.0  # how long sending took: past duration_s, the client could not keep the rate
 
     @property
     def throughput(self) -> float:
@@ -81,9 +82,12 @@ class Client:
 
     MAX_IDLE_S = 3.0
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, max_connections: int | None = None):
+        """max_connections: past it a request waits for a free connection (file descriptors are finite:
+        an unbounded open-loop client at 10x overload ran out of 20,000)."""
         self.host, self.port = host, port
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+        self._slots = asyncio.Semaphore(max_connections) if max_connections else None
 
     async def connect(self, n: int) -> None:
         for _ in range(n):
@@ -100,15 +104,26 @@ class Client:
         return await asyncio.open_connection(self.host, self.port)
 
     async def send(self, request: bytes) -> tuple[int, bytes]:
-        reader, writer = await self._take()
+        return (await self.send_timed(request))[:2]
+
+    async def send_timed(self, request: bytes) -> tuple[int, bytes, float]:
+        """(status, body, when the request was written)."""
+        if self._slots is not None:
+            await self._slots.acquire()
         try:
-            writer.write(request)
-            status, body = await read_response(reader)
-        except BaseException:
-            writer.close()
-            raise
-        self.idle.append((reader, writer, time.monotonic()))
-        return status, body
+            reader, writer = await self._take()
+            try:
+                sent = time.perf_counter()
+                writer.write(request)
+                status, body = await read_response(reader)
+            except BaseException:
+                writer.close()
+                raise
+            self.idle.append((reader, writer, time.monotonic()))
+            return status, body, sent
+        finally:
+            if self._slots is not None:
+                self._slots.release()
 
     async def close(self) -> None:
         for _, writer, _ in self.idle:
@@ -117,8 +132,12 @@ class Client:
 
 
 async def open_loop(client: Client, requests: list[bytes], rate: float, duration_s: float,
-                    max_requests: int, grace_s: float = 5.0, seed: int = 0) -> Result:
-    """Send at Poisson arrival times for duration_s (at most max_requests); wait grace_s for stragglers."""
+                    max_requests: int, grace_s: float = 5.0, seed: int = 0, from_send: bool = False) -> Result:
+    """Send at Poisson arrival times for duration_s (at most max_requests); wait grace_s for stragglers.
+
+    from_send: latency from when a request was really written, not from its intended time; for
+    offered loads past what this client can send, where its own lag is not the server's.
+    """
     rng = random.Random(seed)
     n = max(1, min(max_requests, round(rate * duration_s)))
     # Poisson arrivals rescaled to span exactly duration_s: bursty like real traffic, yet the
@@ -134,7 +153,10 @@ async def open_loop(client: Client, requests: list[bytes], rate: float, duration
 
     async def one(intended: float, req: bytes) -> None:
         try:
-            status, _ = await client.send(req)
+            if from_send:
+                status, _, intended = await client.send_timed(req)
+            else:
+                status, _ = await client.send(req)
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             result.errors += 1
             kind = type(exc).__name__
@@ -159,6 +181,7 @@ async def open_loop(client: Client, requests: list[bytes], rate: float, duration
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.ensure_future(one(intended, requests[i % len(requests)])))
+    result.send_s = time.perf_counter() - start
     _, pending = await asyncio.wait(tasks, timeout=grace_s) if tasks else (set(), set())
     for p in pending:
         p.cancel()

@@ -17,7 +17,11 @@ sample at the server's top rate; unlike wall-clock figures it barely moves with 
 load other tenants put on a shared machine.
 The last line of output is one JSON object with every figure.
 
-Usage: python bench/serving.py [--quick] [--models digits,minilm] [--threads 1]
+  (mlp) the issue-11 MLP: max open-loop rate at p99 <= 50 ms for the default engine threads and the
+      other settings, server CPU us/request (JSON and binary) at 2,000 req/s, the overload figure at
+      10x capacity, the load generator's ceiling against a do-nothing server; targets printed true/false
+
+Usage: python bench/serving.py [--quick] [--models mlp,digits,minilm] [--threads 1]
 Loopback only; bounded by count and time (a few minutes in all).
 """
 
@@ -143,12 +147,15 @@ def process_cpu_s(pid: int) -> float:
 
 
 class ServerProcess:
-    def __init__(self, artifact: Path, config: Path, port: int, threads: int):
+    def __init__(self, artifact: Path, config: Path, port: int, threads: int | None, extra: tuple = ()):
+        """threads None: the server's own default, what a user gets."""
         self.port = port
         self.log = tempfile.TemporaryFile(mode="w+")
+        thread_args = [] if threads is None else ["--threads", str(threads)]
         self.proc = subprocess.Popen([sys.executable, "-m", "serving_image", "--artifact", str(artifact),
-                                      "--config", str(config), "--port", str(port), "--threads", str(threads),
-                                      "--log-level", "warning"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+                                      "--config", str(config), "--port", str(port), *thread_args,
+                                      "--log-level", "warning", *extra], cwd=ROOT, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
         from optimodel_local.run import LocalRunError, wait_ready
@@ -164,7 +171,7 @@ class ServerProcess:
         import httpx
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics").text
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=60).text
         vals = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
                 if s.name in ("optimodel_batch_size_sum", "optimodel_batch_size_count")}
         return vals.get("optimodel_batch_size_sum", 0), vals.get("optimodel_batch_size_count", 0)
@@ -175,7 +182,7 @@ class ServerProcess:
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = httpx.get(f"http://127.0.0.1:{self.port}/metrics").text
+            text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=60).text
             inflight = [s.value for f in text_string_to_metric_families(text) for s in f.samples
                         if s.name == "optimodel_inflight_requests"]
             if not inflight or inflight[0] == 0:
@@ -337,27 +344,325 @@ async def bench_model(model: str, workdir: Path, threads: int, quick: bool) -> d
             "c_batching_on": on, "c_batching_off": off, "d_overhead": d, "e_32_concurrent": peers, "sweep": sweep}
 
 
+MLP = {"max_batch": 32, "max_wait_ms": 5.0, "slo_ms": 50.0, "cpu_rate": 2000.0}
+
+
+def json_request(host: str, port: int, model: str, feeds: dict[str, np.ndarray]) -> bytes:
+    dt = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    body = json.dumps({"inputs": [{"name": k, "shape": list(v.shape), "datatype": dt[v.dtype],
+                                   "data": v.ravel().tolist()} for k, v in feeds.items()]}).encode()
+    return http_request(host, port, f"/v2/models/{model}/infer", body)
+
+
+def mlp_artifact(workdir: Path, hidden: int = 1024, max_batch: int = MLP["max_batch"]) -> Path:
+    from _mlp import make_mlp_onnx
+
+    src = workdir / f"mlp{hidden}-src"
+    make_mlp_onnx(src / "model.onnx", hidden=hidden)
+    manifest = Manifest(cache_key="bench" + "1" * 59, model_name="mlp", arch="cpu",
+                        engine=EngineInfo(file="model.onnx", format="onnx", precision="fp32"),
+                        inputs=[_spec("x", "float32", [-1, 256])], outputs=[_spec("y", "float32", [-1, 10])],
+                        max_batch_size=max_batch, versions={}, files=[])
+    dest = workdir / "store" / f"mlp{hidden}"
+    publish(src, manifest, dest.as_uri())
+    return dest
+
+
+class GrpcClient:
+    """open_loop's client interface over gRPC: pre-serialized ModelInferRequest bytes in, (status, body) out."""
+
+    def __init__(self, port: int):
+        import grpc
+
+        self.grpc = grpc
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        # bytes straight through: the client does not re-serialize per request
+        self.call = self.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+    async def connect(self, n: int) -> None:
+        await self.channel.channel_ready()
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        try:
+            return 200, await self.call(request)
+        except self.grpc.aio.AioRpcError as exc:
+            return (503 if exc.code() == self.grpc.StatusCode.UNAVAILABLE else 500), b""
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def grpc_request(model: str, feeds: dict[str, np.ndarray]) -> bytes:
+    from serving_image.grpc_v2 import grpc_predict_v2_pb2 as pb
+
+    dt = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    req = pb.ModelInferRequest(model_name=model)
+    for k, v in feeds.items():
+        req.inputs.add(name=k, datatype=dt[v.dtype], shape=list(v.shape))
+        req.raw_input_contents.append(np.ascontiguousarray(v).tobytes())
+    return req.SerializeToString()
+
+
+async def max_rate(port: int, reqs: list[bytes], slo: float, duration: float, start: float, step: float = 1.2,
+                   label: str = "", server: "ServerProcess | None" = None, limit: float = 40_000,
+                   client=None) -> dict:
+    """Highest open-loop rate (geometric steps) whose p99 over every request stays within slo, nothing refused."""
+    client = client or Client("127.0.0.1", port)
+    await client.connect(64)
+    best, sweep, rate, retried = None, [], start, False
+    while rate <= limit:
+        if server is not None:
+            server.wait_idle()
+        r = await open_loop(client, reqs, rate, duration, max_requests=int(rate * duration) + 1, grace_s=5.0)
+        ok = r.pct(99) <= slo and r.rejected == 0 and r.errors == 0
+        sweep.append(r.summary())
+        print(f"[mlp] {label:>16} rate {rate:7.0f}/s -> {r.throughput:7.0f}/s p99 {r.pct(99):8.2f} ms "
+              f"503s {r.rejected} err {r.errors} {'within' if ok else 'over'}", flush=True)
+        if not ok:
+            if retried:
+                break
+            retried = True  # one more try at the same rate: other tenants' bursts spike single runs here
+            await asyncio.sleep(1.0)
+            continue
+        best, retried = r.summary(), False
+        rate = round(rate * step, -1)
+    await client.close()
+    return {"max_rate_within_slo": best["rate"] if best else 0.0, "best": best, "sweep": sweep}
+
+
+async def cpu_per_request(server: "ServerProcess", reqs: list[bytes], rate: float, duration: float,
+                          client=None) -> dict:
+    """Whole server process CPU time / answered requests at a fixed open-loop rate."""
+    client = client or Client("127.0.0.1", server.port)
+    await client.connect(64)
+    server.wait_idle()
+    cpu0 = process_cpu_s(server.proc.pid)
+    r = await open_loop(client, reqs, rate, duration, max_requests=int(rate * duration) + 1, grace_s=5.0)
+    cpu1 = process_cpu_s(server.proc.pid)
+    await client.close()
+    return {"rate": rate, "ok": r.ok, "errors": r.errors, "rejected": r.rejected,
+            "cpu_us_per_request": round((cpu1 - cpu0) / max(1, r.ok) * 1e6, 1), "p99_ms": r.summary()["p99_ms"]}
+
+
+async def overload(server: "ServerProcess", reqs: list[bytes], capacity: float, slo: float, duration: float) -> dict:
+    """10x capacity offered open loop: answered-within-SLO per second as a fraction of capacity."""
+    client = Client("127.0.0.1", server.port, max_connections=1000)
+    await client.connect(256)
+    server.wait_idle()
+    offered = 10 * capacity
+    # latency from the real send: at 10x this client cannot keep the schedule (its ceiling is printed),
+    # and its own lag would otherwise count against the server
+    r = await open_loop(client, reqs, offered, duration, max_requests=int(offered * duration) + 1, grace_s=10.0,
+                        from_send=True)
+    await client.close()
+    lat = np.array(r.latencies_ms) if r.latencies_ms else np.array([float("inf")])
+    within = int((lat <= slo).sum())
+    window = max(duration, r.send_s)
+    # goodput against the capacity measured in this run; offered is what was scheduled, sent what went out
+    return {"offered_per_s": round(offered, 1), "sent_per_s": round(r.scheduled / max(r.send_s, 1e-9), 1),
+            "scheduled": r.scheduled, "ok": r.ok, "rejected_503": r.rejected, "errors": r.errors,
+            "unanswered": r.unanswered,
+            "goodput_within_slo_per_s": round(within / window, 1),
+            "goodput_fraction_of_capacity": round(within / window / capacity, 3) if capacity else 0.0,
+            "p99_answered_ms": round(float(np.percentile(lat, 99)), 2),
+            "share_503": round(r.rejected / max(1, r.scheduled), 3)}
+
+
+async def overload_engine_bound(workdir: Path, data: list[dict], duration: float) -> dict:
+    """10x overload on a wide MLP (hidden 8192, batch 8) whose engine, not the loop, sets capacity."""
+    artifact = mlp_artifact(workdir, hidden=8192, max_batch=8)
+    config = workdir / "wide-batching.json"
+    write_batching_config(config, BatchingConfig(max_wait_ms=5, max_batch_size=8, max_queue=4096))
+    out: dict = {}
+    port = free_port()
+    server = ServerProcess(artifact, config, port, None)
+    try:
+        server.wait_ready()
+        reqs = [binary_request("127.0.0.1", port, "mlp", d) for d in data]
+        call_ms = await batch_ms(server)
+        slo = float(max(50.0, round(4 * call_ms, -1)))
+        out["batch_ms"], out["slo_p99_ms"] = round(call_ms, 2), slo
+        out["capacity"] = await max_rate(port, reqs, slo, duration, 40, 1.2, "wide capacity", server)
+    finally:
+        server.stop()
+    capacity = out["capacity"]["max_rate_within_slo"]
+    for label, extra in (("deadline_slo", ("--deadline-ms", f"{slo:g}")), ("deadline_default", ())):
+        port = free_port()
+        server = ServerProcess(artifact, config, port, None, extra)
+        try:
+            server.wait_ready()
+            reqs = [binary_request("127.0.0.1", port, "mlp", d) for d in data]
+            fig = await overload(server, reqs, capacity, slo, 2 * duration)
+        finally:
+            server.stop()
+        out[label] = fig
+        print(f"[mlp] engine-bound overload ({label}; batch 8 of the wide MLP {call_ms:.1f} ms, SLO {slo:g} ms, "
+              f"capacity {capacity:.0f}/s) offered {fig['offered_per_s']:.0f}/s (sent {fig['sent_per_s']:.0f}/s): "
+              f"answered within SLO {fig['goodput_within_slo_per_s']:.0f}/s = {fig['goodput_fraction_of_capacity']:.2f} "
+              f"of capacity, p99 of answered {fig['p99_answered_ms']} ms, 503 share {fig['share_503']}", flush=True)
+    return out
+
+
+async def batch_ms(server: "ServerProcess") -> float:
+    """Mean engine time of one full batch, from the server's own metrics after a burst."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    # warm-up batches are not in the histogram: time a few full batches first
+    client = Client("127.0.0.1", server.port)
+    rng = np.random.default_rng(1)
+    body = binary_request("127.0.0.1", server.port, "mlp", {"x": rng.standard_normal((8, 256), dtype=np.float32)})
+    for _ in range(5):
+        await client.send(body)
+    await client.close()
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=60).text
+    vals = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name in ("optimodel_compute_seconds_sum", "optimodel_compute_seconds_count")}
+    return vals["optimodel_compute_seconds_sum"] / max(1, vals["optimodel_compute_seconds_count"]) * 1000
+
+
+async def bench_mlp(workdir: Path, quick: bool) -> dict:
+    """Issue 11's proof on the MLP: default threads vs others, CPU per request, overload, the client's ceiling."""
+    from serving_image.backends import cpu_quota, default_engine_threads
+
+    slo, duration = MLP["slo_ms"], (2.0 if quick else 3.0)
+    artifact = mlp_artifact(workdir)
+    config = workdir / "mlp-batching.json"
+    write_batching_config(config, BatchingConfig(max_wait_ms=MLP["max_wait_ms"], max_batch_size=MLP["max_batch"],
+                                                 max_queue=4096))
+    rng = np.random.default_rng(0)
+    data = [{"x": rng.standard_normal((1, 256), dtype=np.float32)} for _ in range(256)]
+    quota, default = cpu_quota(), default_engine_threads()
+    out: dict = {"cpu_quota": quota, "default_threads": default, "slo_p99_ms": slo}
+    print(f"[mlp] CPU quota {quota}: default engine threads {default}", flush=True)
+
+    # the load generator's own ceiling, against a server that does nothing
+    port = free_port()
+    null = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_null_server.py"), str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        null.stdout.readline()
+        reqs = [binary_request("127.0.0.1", port, "mlp", d) for d in data]
+        out["loadgen_ceiling"] = await max_rate(port, reqs, slo, duration, 1000, 1.3, "null server")
+    finally:
+        null.terminate()
+        null.wait()
+
+    # max rate at the SLO: the default, and each other thread count up to the quota (1 is the default here
+    # when the quota is 2; then 2, the quota, is the alternative)
+    settings = [None] + [t for t in sorted({1, quota}) if t != default]
+    out["threads"] = {}
+    for threads in settings:
+        label = f"threads {'default' if threads is None else threads}"
+        port, grpc_port = free_port(), free_port()
+        server = ServerProcess(artifact, config, port, threads, ("--grpc-port", str(grpc_port)))
+        try:
+            server.wait_ready()
+            reqs_bin = [binary_request("127.0.0.1", port, "mlp", d) for d in data]
+            reqs_json = [json_request("127.0.0.1", port, "mlp", d) for d in data]
+            reqs_grpc = [grpc_request("mlp", d) for d in data]
+            fig = await max_rate(port, reqs_bin, slo, duration, 800, 1.2, label, server)
+            fig["cpu_json"] = await cpu_per_request(server, reqs_json, MLP["cpu_rate"], duration)
+            fig["cpu_binary"] = await cpu_per_request(server, reqs_bin, MLP["cpu_rate"], duration)
+            print(f"[mlp] {label}: max rate within p99 {slo:g} ms {fig['max_rate_within_slo']:.0f}/s; server CPU "
+                  f"per request at {MLP['cpu_rate']:.0f}/s: JSON {fig['cpu_json']['cpu_us_per_request']} us, binary "
+                  f"{fig['cpu_binary']['cpu_us_per_request']} us", flush=True)
+            if threads is None:  # gRPC beside REST, default threads
+                fig["grpc"] = await max_rate(port, reqs_grpc, slo, duration, 800, 1.2, "grpc " + label, server,
+                                             client=GrpcClient(grpc_port))
+                fig["cpu_grpc"] = await cpu_per_request(server, reqs_grpc, MLP["cpu_rate"], duration,
+                                                        client=GrpcClient(grpc_port))
+                print(f"[mlp] gRPC {label}: max rate within p99 {slo:g} ms {fig['grpc']['max_rate_within_slo']:.0f}/s; "
+                      f"server CPU per request at {MLP['cpu_rate']:.0f}/s {fig['cpu_grpc']['cpu_us_per_request']} us",
+                      flush=True)
+        finally:
+            server.stop()
+        out["threads"]["default" if threads is None else str(threads)] = fig
+
+    # overload: 10x the default's capacity, deadline = the SLO, and the default deadline beside it
+    capacity = out["threads"]["default"]["max_rate_within_slo"]
+    out["overload"] = {}
+    for label, extra in (("deadline_slo", ("--deadline-ms", f"{slo:g}")), ("deadline_default", ())):
+        port = free_port()
+        server = ServerProcess(artifact, config, port, None, extra)
+        try:
+            server.wait_ready()
+            reqs_bin = [binary_request("127.0.0.1", port, "mlp", d) for d in data]
+            fig = await overload(server, reqs_bin, capacity, slo, duration)
+        finally:
+            server.stop()
+        out["overload"][label] = fig
+        print(f"[mlp] overload ({label}) offered {fig['offered_per_s']:.0f}/s (client sent "
+              f"{fig['sent_per_s']:.0f}/s): answered within SLO {fig['goodput_within_slo_per_s']:.0f}/s = "
+              f"{fig['goodput_fraction_of_capacity']:.2f} of capacity, p99 of answered {fig['p99_answered_ms']} ms, "
+              f"503 share {fig['share_503']}", flush=True)
+
+    # the same overload where the engine, not the event loop, is the bottleneck: on 2 shared cores the
+    # MLP's capacity is the loop's, and at 10x even refusing costs more loop time than there is
+    out["overload_engine_bound"] = await overload_engine_bound(workdir, data, duration)
+
+    rates = {k: v["max_rate_within_slo"] for k, v in out["threads"].items()}
+    ceiling = out["loadgen_ceiling"]["max_rate_within_slo"]
+    cpu_json = out["threads"]["default"]["cpu_json"]["cpu_us_per_request"]
+    cpu_bin = out["threads"]["default"]["cpu_binary"]["cpu_us_per_request"]
+    out["targets"] = {
+        "default_threads_within_5pct_of_best": rates["default"] >= 0.95 * max(rates.values()),
+        "cpu_per_request_json_le_120us": cpu_json <= 120,
+        "cpu_binary_below_json": cpu_bin < cpu_json,
+        "overload_goodput_ge_0.9_of_capacity": out["overload"]["deadline_slo"]["goodput_fraction_of_capacity"] >= 0.9,
+        "overload_engine_bound_goodput_ge_0.9": (
+            out["overload_engine_bound"]["deadline_slo"]["goodput_fraction_of_capacity"] >= 0.9),
+        "grpc_cpu_per_request_us": out["threads"]["default"]["cpu_grpc"]["cpu_us_per_request"],
+        "torchserve_1.5x": "not measured (quote CPU per request instead)",
+    }
+    out["loadgen_is_the_limit"] = bool(ceiling and max(rates.values()) >= 0.8 * ceiling)
+    for k, v in out["targets"].items():
+        print(f"[mlp] target {k}: {str(v).lower() if isinstance(v, bool) else v}", flush=True)
+    print(f"[mlp] load generator ceiling (do-nothing server) {ceiling:.0f}/s; best server rate "
+          f"{max(rates.values()):.0f}/s; the client {'is' if out['loadgen_is_the_limit'] else 'is not'} the limit",
+          flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="digits,minilm")
+    p.add_argument("--models", default="mlp,digits,minilm")
     p.add_argument("--threads", type=int, default=1,
                    help="engine threads for the raw engine and the server alike (default 1: this box has 2 "
                         "shared cores, and the server's event loop and the load generator need one)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
+    import resource
+
+    # the overload run holds thousands of connections open at once (client and server inherit this)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    figures = {"bench": "serving", "cpus": len(os.sched_getaffinity(0)), "load_avg": os.getloadavg()[0]}
+    figures = {"bench": "serving", "cpus": len(os.sched_getaffinity(0)), "load_avg": os.getloadavg()[0],
+               "cpu_model": cpu_model()}
+    print(f"CPU: {figures['cpu_model']}; {figures['cpus']} CPUs; load average {figures['load_avg']:.2f}", flush=True)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="optimodel-bench-") as tmp:
         for model in args.models.split(","):
-            figures[model] = asyncio.run(bench_model(model, Path(tmp), args.threads, args.quick))
+            if model == "mlp":
+                figures[model] = asyncio.run(bench_mlp(Path(tmp), args.quick))
+            else:
+                figures[model] = asyncio.run(bench_model(model, Path(tmp), args.threads, args.quick))
     figures["wall_s"] = round(time.monotonic() - t0, 1)
     figures["load_avg_end"] = os.getloadavg()[0]
     print(json.dumps(_finite(figures), separators=(",", ":"), allow_nan=False))
+
+
+def cpu_model() -> str:
+    """lscpu's model name and whether the CPU has VNNI (int8 dot products)."""
+    text = Path("/proc/cpuinfo").read_text()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    vnni = "vnni" in text
+    return f"{name} (vnni: {'yes' if vnni else 'no'})"
 
 
 def _finite(obj):

@@ -22,7 +22,8 @@ PLURAL = "optimizedmodels"
 SINGULAR = "optimizedmodel"
 SHORT_NAMES = ["om", "omodel"]
 
-DType = Literal["float32", "float16", "int64", "int32", "int8", "uint8", "bool"]
+# "string": UTF-8 text, the v2 protocol's BYTES (ONNX tensor(string)); served, not compressed by the builder
+DType = Literal["float32", "float16", "int64", "int32", "int8", "uint8", "bool", "string"]
 Precision = Literal["fp32", "fp16", "int8"]
 ModelFormat = Literal["onnx", "torchscript", "torch-export", "pytorch"]
 GateMetric = Literal["top1", "top1-agreement", "cosine"]

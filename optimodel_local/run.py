@@ -140,6 +140,9 @@ def start_server(model: OptimizedModel, build: LocalBuild, store_dir: Path, host
         max_wait_ms=serving.batching.max_wait_ms, max_batch_size=serving.max_batch_size, max_queue=serving.max_queue))
     cmd = [sys.executable, "-m", "serving_image", "--artifact", str(build.artifact_dir), "--config", str(config_file),
            "--host", host, "--port", str(port), "--model-name", model.metadata.name]
+    slo = serving.batching.autotune.p99_latency_ms
+    if slo:  # the SLO is the admission deadline: a later answer helps nobody
+        cmd += ["--deadline-ms", f"{slo:g}"]
     return subprocess.Popen(cmd, env=child_env(), start_new_session=new_session, stdout=log,
                             stderr=subprocess.STDOUT if log else None)
 

@@ -37,6 +37,7 @@ A_GENERATION = "optimodel.io/generation"
 
 BUILDER, SERVER, BATCHING, REQUEST, SERVICE = "builder", "server", "batching", "build-request", "service"
 PORT = 8080
+GRPC_PORT = 8081  # the Open Inference Protocol over gRPC, same batcher as PORT
 REQUEST_DIR = "/etc/optimodel/request"
 BATCHING_DIR = "/etc/optimodel/batching"
 SELECTOR = f"{L_MANAGED_BY}={MANAGED_BY}"
@@ -256,6 +257,12 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _deadline_args(spec: OptimizedModelSpec) -> list[str]:
+    """The p99 SLO, when set, is the server's admission deadline: later answers help nobody."""
+    slo = spec.serving.batching.autotune.p99_latency_ms
+    return ["--deadline-ms", f"{slo:g}"] if slo else []
+
+
 def deployment(model: ModelRef, spec: OptimizedModelSpec, target: Target, artifact_uri: str, key: str,
                settings: Settings, replicas: int | None = None) -> dict:
     env, env_from = _env(spec, settings)
@@ -273,10 +280,11 @@ def deployment(model: ModelRef, spec: OptimizedModelSpec, target: Target, artifa
         "name": SERVER, "image": settings.serving_image, "imagePullPolicy": settings.image_pull_policy,
         "command": ["python", "-m", "serving_image", "--artifact", artifact_uri,
                     "--config", f"{BATCHING_DIR}/{BATCHING_FILE}", "--host", "0.0.0.0",
-                    "--port", str(PORT), "--model-name", model.name,
+                    "--port", str(PORT), "--grpc-port", str(GRPC_PORT), "--model-name", model.name,
                     # keep accepting while endpoint removal reaches every kube-proxy, then drain
-                    "--drain-seconds", "5"],
-        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+                    "--drain-seconds", "5", *_deadline_args(spec)],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"},
+                  {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"}],
         "readinessProbe": probe("/v2/health/ready", 2),
         "livenessProbe": probe("/v2/health/live", 10),
         "env": env, "resources": resources, "volumeMounts": mounts,
@@ -301,7 +309,9 @@ def deployment(model: ModelRef, spec: OptimizedModelSpec, target: Target, artifa
 
 def service(model: ModelRef) -> dict:
     body_spec = {"selector": {L_MODEL: model.name, L_COMPONENT: SERVER},
-                 "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}]}
+                 "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"},
+                           {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
+                            "appProtocol": "kubernetes.io/h2c"}]}
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": metadata(model, service_name(model.name), SERVICE, annotations={A_HASH: _hash(body_spec)}),
             "spec": body_spec}

@@ -1,10 +1,11 @@
-"""`python -m serving_image --artifact URI_OR_DIR --config FILE [--host] [--port] [--model-name]`.
+"""`python -m serving_image --artifact URI_OR_DIR --config FILE [--host] [--port] [--grpc-port] [--model-name]`.
 
 Refuses to start (non-zero exit, one clear line) when the artifact is missing,
 unfinished or fails its checksums. Listens at once so liveness answers, warms every
 batch-size bucket, then reports ready and logs "serving <model> on http://HOST:PORT".
-SIGTERM: readiness goes false, (after --drain-seconds) the listener closes, every
-accepted request is answered, then the process exits 0.
+SIGTERM: readiness goes false (REST and gRPC health), (after --drain-seconds) the
+listener closes, uploads still arriving get 408, every accepted request is answered,
+then the process exits 0 — within --grace-seconds whatever clients do.
 
 Exit codes: 0 clean stop, 2 artifact refused (missing, unfinished, checksum), 3 engine
 does not load, 4 warm-up failed; uvicorn's own startup failures (port in use) exit 1 or 3.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -27,6 +29,10 @@ from optimodel.storage import StorageError
 log = logging.getLogger("serving_image")
 
 DEFAULT_MAX_WAIT_MS = 2.0
+DEFAULT_DEADLINE_MS = 2000.0
+# what the drain leaves for answering accepted requests and closing: the batcher's own
+# close (queued requests run) and backend shutdown happen after uvicorn's graceful stop
+CLOSE_MARGIN_S = 2.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,11 +41,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, type=Path, help="batching config JSON (optimodel.batching), watched live")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve the Open Inference Protocol over gRPC (with grpc.health.v1) on this port")
     p.add_argument("--model-name", default=None, help="name in the v2 routes (default: the manifest's model name)")
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
     p.add_argument("--drain-seconds", type=float, default=0.0,
                    help="after SIGTERM, keep serving this long while not ready (endpoint removal propagates)")
-    p.add_argument("--threads", type=int, default=None, help="engine threads (default: the container CPU quota)")
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: the container CPU quota less one core for the event loop)")
+    p.add_argument("--deadline-ms", type=float, default=None,
+                   help="refuse (503 + Retry-After) a request that cannot be answered within this; set it to the "
+                        "p99 SLO (default: 2000)")
+    p.add_argument("--body-timeout-seconds", type=float, default=10.0,
+                   help="answer 408 to a request whose body has not all arrived within this")
+    p.add_argument("--grace-seconds", type=float, default=30.0,
+                   help="after SIGTERM the process exits within this, whatever clients do (the pod's "
+                        "terminationGracePeriodSeconds); requests still open after drain-seconds get the rest")
     p.add_argument("--allow-non-finite", action="store_true", help="accept NaN/Inf in float inputs")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
@@ -57,6 +73,15 @@ def initial_config(path: Path, manifest_max_batch: int) -> BatchingConfig:
         log.warning("batching config %s is invalid (%s); using defaults %s until it is fixed",
                     path, " ".join(str(exc).split()), json.dumps(default.wire()))
         return default
+
+
+def graceful_timeout(args: argparse.Namespace) -> float:
+    """Seconds uvicorn waits for open requests once the listener closes, so the whole stop fits the grace period.
+
+    Requests still open then (a client stalled mid-upload, a slow reader) are cancelled:
+    the pod would be SIGKILLed at the end of the grace period anyway.
+    """
+    return max(0.5, args.grace_seconds - args.drain_seconds - CLOSE_MARGIN_S)
 
 
 def _artifact_uri(value: str) -> str:
@@ -89,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model_name or manifest.model_name
 
     def on_ready() -> None:
-        log.info("serving %s on http://%s:%d", name, args.host, args.port)
+        log.info("serving %s on http://%s:%d%s", name, args.host, args.port,
+                 f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port else "")
 
     servers = []
 
@@ -101,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(backend, manifest, config, model_name=name, config_path=args.config,
                      max_body_bytes=args.max_body_bytes, allow_non_finite=args.allow_non_finite, on_ready=on_ready,
+                     deadline_s=(args.deadline_ms or DEFAULT_DEADLINE_MS) / 1000.0,
+                     grpc_port=args.grpc_port, grpc_host=args.host,
+                     # by then uvicorn's graceful wait is spent; RPCs in the batcher finish in the margin
+                     grpc_grace_s=CLOSE_MARGIN_S / 2,
+                     body_timeout_s=args.body_timeout_seconds,
                      on_warmup_failed=on_warmup_failed)
     state = app.state.server_state
 
@@ -115,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             self._stop(sig, frame)
 
         def _stop(self, sig, frame):
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing is being read
+                asyncio.get_running_loop().call_soon_threadsafe(app.cut_body_reads)
             super().handle_exit(sig, frame)
             # uvicorn re-raises the captured signal after a graceful stop, which kills
             # the process by SIGTERM; a clean drain exits 0 instead
@@ -135,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     # proxy_headers off: nothing reads the client address, and it is per-request work
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning",
                                    proxy_headers=False, server_header=False,
-                                   lifespan="on", timeout_graceful_shutdown=None, **kwargs))
+                                   lifespan="on", timeout_graceful_shutdown=graceful_timeout(args), **kwargs))
     servers.append(server)
     server.run()
     if state.warmup_error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from optimodel.artifact import Manifest
 from optimodel.batching import BatchingConfig
 from serving_image import protocol
 from serving_image.backends import Backend, warm_up, warmup_sizes
-from serving_image.batcher import Batcher, BatcherClosed, EngineError, QueueFull
+from serving_image.batcher import Batcher, BatcherClosed, EngineError, Overloaded, QueueFull
 from serving_image.config_watch import ConfigWatcher
 from serving_image.metrics import ServerMetrics
 
@@ -31,6 +32,13 @@ log = logging.getLogger("serving_image")
 SERVER_NAME = "optimodel"
 SERVER_VERSION = "0.1.0"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+# A request that cannot be answered within this long is refused at once (503 + Retry-After)
+# when no p99 SLO is given: answering later helps no client that has a timeout.
+DEFAULT_DEADLINE_S = 2.0
+# Time allowed to receive a whole request body once its headers are in; a client that
+# stalls mid-upload is answered 408 and let go instead of holding a task (and the drain).
+DEFAULT_BODY_TIMEOUT_S = 10.0
+MODEL_VERSION = "1"
 JSON = "application/json"
 
 
@@ -49,6 +57,8 @@ def _error(status: int, message: str) -> Response:
 def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
                model_name: str | None = None, config_path: Path | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY, allow_non_finite: bool = False,
+               deadline_s: float | None = DEFAULT_DEADLINE_S, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+               grpc_port: int | None = None, grpc_host: str = "127.0.0.1", grpc_grace_s: float = 5.0,
                watch_interval: float = 0.2, on_ready: Callable[[], None] | None = None,
                on_warmup_failed: Callable[[str], None] | None = None) -> "InferFastPath":
     name = model_name or manifest.model_name
@@ -58,6 +68,7 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
     batcher = Batcher(backend.run, config.for_arch(arch), engine_max_batch=backend.max_batch_size, metrics=metrics)
     model_io = protocol.ModelIO(name, manifest.inputs, manifest.outputs, allow_non_finite=allow_non_finite)
     state = ServerState()
+    body_reads: set[asyncio.Timeout] = set()  # uploads in progress, cut short when the server stops
     watcher = ConfigWatcher(config_path, lambda c: batcher.update_config(c.for_arch(arch)), current=config,
                             interval=watch_interval) if config_path else None
 
@@ -65,7 +76,7 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
         sizes = warmup_sizes(backend.max_batch_size)
         t0 = time.monotonic()
         try:
-            await batcher.run_in_engine(warm_up, backend, sizes)
+            times = await batcher.run_in_engine(warm_up, backend, sizes)
         except Exception as exc:  # not ready forever beats serving an engine that fails
             state.warmup_error = f"warm-up failed: {exc}"
             log.error("%s", state.warmup_error)
@@ -73,14 +84,28 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
                 on_warmup_failed(state.warmup_error)
             return
         state.warmed_sizes = sizes
+        if times:  # admission by time has an estimate before the first real batch
+            batcher.batch_seconds = times[-1]
         state.ready = True
         log.info("warmed up batch sizes %s in %.2fs", sizes, time.monotonic() - t0)
         if on_ready is not None:
             on_ready()
 
+    grpc_face = None
+    if grpc_port is not None:
+        from serving_image.grpc_server import GrpcFace, InferenceServicer  # grpcio only when gRPC is on
+
+        grpc_face = GrpcFace(InferenceServicer(
+            name=name, version=MODEL_VERSION, model_io=model_io, batcher=batcher, metrics=metrics,
+            is_ready=lambda: is_ready(), metadata=lambda: model_metadata(),
+            server_info={"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]},
+            deadline_s=deadline_s, warmed=lambda: state.ready), grpc_host, grpc_port, max_body_bytes)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
+        if grpc_face is not None:
+            await grpc_face.start()
         tasks = [asyncio.create_task(warm(), name="warm-up")]
         if watcher is not None:
             tasks.append(asyncio.create_task(watcher.run(), name="config-watch"))
@@ -91,6 +116,9 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if grpc_face is not None:
+                # RPCs already in the batcher are answered (the batcher is still running); new ones refused
+                await grpc_face.stop(grpc_grace_s)
             await batcher.close()  # every accepted request is answered before exit
             backend.close()
 
@@ -100,20 +128,26 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
     app.state.server_state = state
     app.state.watcher = watcher
     app.state.model_name = name
+    app.state.grpc = grpc_face
 
     def is_ready() -> bool:
         return state.ready and not state.draining
 
     def model_metadata() -> dict:
-        return {"name": name, "versions": ["1"], "platform": backend.platform,
+        return {"name": name, "versions": [MODEL_VERSION], "platform": backend.platform,
                 "inputs": protocol.tensor_metadata(manifest.inputs),
                 "outputs": protocol.tensor_metadata(manifest.outputs),
                 "parameters": {"arch": manifest.arch, "precision": manifest.engine.precision,
                                "max_batch_size": batcher.config.max_batch_size,
                                "max_wait_ms": batcher.config.max_wait_ms}}
 
-    def unknown(model: str) -> Response:
-        return _error(404, f"unknown model '{model}'; this server serves '{name}'")
+    def unknown(model: str, version: str = MODEL_VERSION) -> Response | None:
+        """The 404 for a model or version this server does not serve, else None."""
+        if model != name:
+            return _error(404, f"unknown model '{model}'; this server serves '{name}'")
+        if version != MODEL_VERSION:
+            return _error(404, f"unknown version '{version}' of model '{name}'; versions: {MODEL_VERSION}")
+        return None
 
     @app.get("/v2/health/live")
     async def live():
@@ -129,40 +163,40 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
-    async def metadata(model: str, version: str = "1"):
-        if model != name:
-            return unknown(model)
-        return model_metadata()
+    async def metadata(model: str, version: str = MODEL_VERSION):
+        return unknown(model, version) or model_metadata()
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")
-    async def model_ready(model: str, version: str = "1"):
-        if model != name:
-            return unknown(model)
-        return Response(status_code=200 if is_ready() else 503)
+    async def model_ready(model: str, version: str = MODEL_VERSION):
+        return unknown(model, version) or Response(status_code=200 if is_ready() else 503)
 
     @app.get("/metrics")
     async def prometheus():
         body, ctype = metrics.exposition()
         return Response(body, media_type=ctype)
 
-    async def infer(model: str, headers: dict[bytes, bytes], receive) -> tuple[int, bytes, list]:
+    async def infer(model: str, version: str, headers: dict[bytes, bytes], receive) -> tuple[int, bytes, list]:
         """(status, body, extra headers) for one infer request; every failure is a v2 error body."""
         t0 = time.monotonic()
-        if model != name:
-            return 404, protocol.error_body(f"unknown model '{model}'; this server serves '{name}'"), []
+        if model != name or version != MODEL_VERSION:
+            what = f"model '{model}'" if model != name else f"version '{version}' of model '{name}'"
+            return 404, protocol.error_body(f"unknown {what}; this server serves '{name}' version "
+                                            f"{MODEL_VERSION}"), []
         if not state.ready:
             metrics.rejected("not_ready")
             return 503, protocol.error_body(state.warmup_error or "model is not ready (warming up)"), RETRY
         metrics.inflight.inc()
         try:
-            body = await read_asgi_body(receive, headers.get(b"content-length"), max_body_bytes)
+            batcher.admit(deadline_s)  # before reading the body: a refusal under overload costs no parsing
+            body = await read_asgi_body(receive, headers.get(b"content-length"), max_body_bytes, body_timeout_s,
+                                        body_reads)
             encoding = headers.get(b"content-encoding")
             if encoding:
                 body = protocol.decode_body(body, encoding.decode("latin-1"), max_body_bytes)
             req = protocol.parse_infer_request(body, headers.get(b"inference-header-content-length"), model_io,
                                                batcher.config.max_batch_size)
-            results = await batcher.submit(req.inputs, req.batch)
+            results = await batcher.submit(req.inputs, req.batch, deadline_s)
             payload, header_length = protocol.encode_infer_response(name, req, results)
         except protocol.ProtocolError as exc:
             if exc.status == 413:
@@ -170,6 +204,9 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
             else:
                 metrics.error(exc.reason)
             return exc.status, protocol.error_body(str(exc)), []
+        except Overloaded as exc:
+            metrics.rejected("deadline")
+            return 503, protocol.error_body(str(exc)), retry_headers(exc.retry_after)
         except QueueFull as exc:
             metrics.rejected("queue_full")
             return 503, protocol.error_body(str(exc)), RETRY
@@ -186,22 +223,44 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
         return 200, payload, [(b"content-type", b"application/octet-stream"),
                               (b"inference-header-content-length", str(header_length).encode())]
 
-    return InferFastPath(app, infer)
+    return InferFastPath(app, infer, body_reads)
 
 
 RETRY = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
 
 
-async def read_asgi_body(receive, content_length: bytes | None, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes without reading all of it."""
+def retry_headers(seconds: float) -> list:
+    """Retry-After is whole seconds (RFC 9110); at least 1 so clients do not spin."""
+    return [(b"content-type", b"application/json"), (b"retry-after", str(max(1, math.ceil(seconds))).encode())]
+
+
+async def read_asgi_body(receive, content_length: bytes | None, limit: int, timeout_s: float | None = None,
+                         in_progress: set | None = None) -> bytes:
+    """The request body, refused with 413 past `limit` bytes without reading all of it,
+    and with 408 when it has not all arrived within timeout_s (or the server stops first:
+    its timeout is then moved to now through `in_progress`)."""
     if content_length is not None:
-        try:
-            declared = int(content_length)
-        except ValueError:
-            raise protocol.ProtocolError("Content-Length is not an integer") from None
+        if not content_length.isdigit():
+            raise protocol.ProtocolError("Content-Length is not an integer")
+        declared = int(content_length)
         if declared > limit:
             raise protocol.ProtocolError(f"request body of {declared} bytes exceeds the limit of {limit} bytes",
                                          413, "body_too_large")
+    try:
+        async with asyncio.timeout(timeout_s) as timeout:
+            if in_progress is None:
+                return await _receive_body(receive, limit)
+            in_progress.add(timeout)
+            try:
+                return await _receive_body(receive, limit)
+            finally:
+                in_progress.discard(timeout)
+    except TimeoutError:
+        raise protocol.ProtocolError(f"the request body did not arrive within {timeout_s:g} s", 408,
+                                     "body_timeout") from None
+
+
+async def _receive_body(receive, limit: int) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -225,21 +284,50 @@ class InferFastPath:
     CPU-bound pod that CPU is taken from the engine.
     """
 
-    def __init__(self, app: FastAPI, infer):
+    def __init__(self, app: FastAPI, infer, body_reads: set):
         self.app = app
         self.state = app.state
         self._infer = infer
+        self._body_reads = body_reads
+
+    def cut_body_reads(self) -> None:
+        """Answer every upload still in progress 408 now (call in the loop when the listener closes):
+        a client stalled mid-body must not hold the drain open."""
+        for timeout in list(self._body_reads):
+            timeout.reschedule(0)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http":
+            if scope["http_version"] not in _HTTP_VERSIONS:
+                # a request line without a version (HTTP/0.9) has no headers or status line to answer with
+                await _send(send, 505, protocol.error_body("HTTP version not supported; use HTTP/1.0 or later"),
+                            [(b"content-type", b"application/json"), (b"connection", b"close")])
+                return
             parts = scope["path"].split("/")
             # /v2/models/{m}/infer or /v2/models/{m}/versions/{v}/infer
             if parts[-1] == "infer" and parts[1:3] == ["v2", "models"] and (
                     len(parts) == 5 or (len(parts) == 7 and parts[4] == "versions")):
-                status, body, headers = await self._infer(unquote(parts[3]), dict(scope["headers"]), receive)
-                headers = headers or [(b"content-type", b"application/json")]
-                await send({"type": "http.response.start", "status": status,
-                            "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
+                if scope["method"] != "POST":
+                    await _send(send, 405, protocol.error_body(f"method {scope['method']} is not allowed on "
+                                                               f"/infer; use POST"),
+                                [(b"content-type", b"application/json"), (b"allow", b"POST")])
+                    return
+                version = unquote(parts[5]) if len(parts) == 7 else MODEL_VERSION
+                try:
+                    status, body, headers = await self._infer(unquote(parts[3]), version, dict(scope["headers"]),
+                                                              receive)
+                except RecursionError:  # a hostile nesting depth deeper than any check anticipated
+                    self.state.metrics.error("bad_request")
+                    status, body, headers = 400, protocol.error_body("the request is nested too deeply"), []
+                await _send(send, status, body, headers or [(b"content-type", b"application/json")])
                 return
         await self.app(scope, receive, send)
+
+
+_HTTP_VERSIONS = frozenset(("1.0", "1.1", "2", "2.0"))
+
+
+async def _send(send, status: int, body: bytes, headers: list) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

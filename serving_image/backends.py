@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -20,7 +21,7 @@ from optimodel.spec import TensorSpec
 log = logging.getLogger("serving_image")
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-       "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+       "int8": np.int8, "uint8": np.uint8, "bool": np.bool_, "string": np.object_}
 
 
 class Backend(Protocol):
@@ -66,6 +67,18 @@ def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return max(1, cpus)
 
 
+def default_engine_threads(quota: int | None = None) -> int:
+    """Engine threads when none are given: the CPU quota less one core for the event loop.
+
+    The HTTP loop (parsing, encoding, the batcher) is one busy Python thread; an engine
+    using every core fights it for them. Measured on 2 cores (bench/serving.py, README
+    "Engine threads"): the MLP held about 1.8x the rate at the p99 SLO with 1 engine
+    thread as with 2, the digits CNN likewise; so the loop keeps a core.
+    """
+    quota = cpu_quota() if quota is None else quota
+    return max(1, quota - 1)
+
+
 def warmup_sizes(max_batch_size: int) -> list[int]:
     """Batch-size buckets warmed before ready: powers of two up to max, and max itself."""
     sizes = []
@@ -82,14 +95,27 @@ def dummy_inputs(specs: Sequence[TensorSpec], batch: int) -> dict[str, np.ndarra
     for t in specs:
         shape = [batch] + [d if d > 0 else 1 for d in t.shape[1:]]
         dtype = _NP[t.dtype]
-        # ones rather than zeros: a mask of zeros can take degenerate paths (division by 0 in pooling)
-        feeds[t.name] = np.ones(shape, dtype=dtype)
+        if t.dtype == "string":
+            feeds[t.name] = np.full(shape, "warm-up", dtype=object)
+        else:
+            # ones rather than zeros: a mask of zeros can take degenerate paths (division by 0 in pooling)
+            feeds[t.name] = np.ones(shape, dtype=dtype)
     return feeds
 
 
-def warm_up(backend: Backend, sizes: Sequence[int]) -> None:
+def warm_up(backend: Backend, sizes: Sequence[int]) -> list[float]:
+    """Run every size once; returns seconds per size, the largest timed on a second (warm) run."""
+    times = []
     for size in sizes:
-        backend.run(dummy_inputs(backend.inputs, size))
+        feeds = dummy_inputs(backend.inputs, size)
+        backend.run(feeds)
+        if size == sizes[-1]:  # the first run of a shape pays allocations; admission wants the steady time
+            t0 = time.perf_counter()
+            backend.run(feeds)
+            times.append(time.perf_counter() - t0)
+        else:
+            times.append(0.0)
+    return times
 
 
 _GRAPH_LEVELS = {
@@ -129,7 +155,7 @@ class OrtBackend:
                  providers: list[str] | None = None):
         import onnxruntime as ort
 
-        self.threads = threads or cpu_quota()
+        self.threads = threads or default_engine_threads()
         so = ort_session_options(manifest.engine.session_options, self.threads)
         available = ort.get_available_providers()
         if providers is None:

@@ -12,6 +12,11 @@
   the worker, and the loop sets every request's future from one callback.
 - The queue is bounded (maxQueue requests): past it, submit() raises QueueFull at
   once so the caller can answer 503 instead of growing memory.
+- Admission is also by time: with a deadline, a request whose estimated finish
+  (batches ahead of it times the recent batch time) lies past the deadline raises
+  Overloaded at once, and a queued request still not started at its deadline is
+  failed with Overloaded rather than run late. A length bound alone let the queue
+  hold seconds of work at 10x load: every answer came too late to count.
 - A config change applies to the next batch formed; queued requests are kept even
   when maxBatchSize shrinks below their size (such a request runs alone).
 """
@@ -46,15 +51,24 @@ class EngineError(Exception):
     pass
 
 
-class _Item:
-    __slots__ = ("inputs", "n", "key", "future", "enqueued")
+class Overloaded(Exception):
+    """The request cannot start within its deadline; retry_after is a hint in seconds."""
 
-    def __init__(self, inputs, n, key, future, enqueued):
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _Item:
+    __slots__ = ("inputs", "n", "key", "future", "enqueued", "start_by")
+
+    def __init__(self, inputs, n, key, future, enqueued, start_by):
         self.inputs = inputs
         self.n = n
         self.key = key
         self.future = future
         self.enqueued = enqueued
+        self.start_by = start_by
 
 
 class Batcher:
@@ -73,6 +87,9 @@ class Batcher:
         self._closing = False
         self._idle: asyncio.Event | None = None
         self.batches = 0
+        self._queued_samples = 0
+        # recent engine time of one batch (EWMA), for admission by time; 0 until known
+        self.batch_seconds = 0.0
         self.config = self._clamp(config)
 
     # ---- configuration -------------------------------------------------------------
@@ -120,15 +137,40 @@ class Batcher:
 
     # ---- requests ------------------------------------------------------------------
 
-    def submit(self, inputs: dict[str, np.ndarray], n: int) -> asyncio.Future:
-        """Queue one validated request of n samples; its future resolves to its outputs."""
+    def estimated_finish(self, n: int = 1) -> float:
+        """Seconds until a request of n samples queued now would be answered (0 while unknown)."""
+        max_bs = self.config.max_batch_size
+        batches = self._running + -(-(self._queued_samples + n) // max_bs)
+        return batches * self.batch_seconds
+
+    def admit(self, deadline: float | None, n: int = 1) -> None:
+        """Raise Overloaded when a request of n samples could not be answered within deadline seconds.
+
+        Cheap enough to call before reading a body, so refusals cost no parsing.
+        """
+        if deadline is not None and self.batch_seconds > 0:
+            finish = self.estimated_finish(n)
+            if finish > deadline:
+                raise Overloaded(f"overloaded: a request now would wait about {finish * 1000:.0f} ms, past its "
+                                 f"deadline of {deadline * 1000:.0f} ms", retry_after=finish - deadline)
+
+    def submit(self, inputs: dict[str, np.ndarray], n: int, deadline: float | None = None) -> asyncio.Future:
+        """Queue one validated request of n samples; its future resolves to its outputs.
+
+        deadline: seconds from now the request may take before it starts (None: no limit).
+        """
         if self._closing:
             raise BatcherClosed("the server is shutting down")
         if len(self._queue) >= self.config.max_queue:
             raise QueueFull(f"queue full ({self.config.max_queue} requests waiting)")
+        self.admit(deadline, n)
         fut = self._loop.create_future()
         key = tuple(a.shape[1:] for a in inputs.values()) if len(inputs) > 1 else next(iter(inputs.values())).shape[1:]
-        self._queue.append(_Item(inputs, n, key, fut, time.monotonic()))
+        now = time.monotonic()
+        # the batching window is waited on purpose: the deadline counts from its end
+        start_by = None if deadline is None else now + self.config.max_wait_ms / 1000.0 + deadline
+        self._queue.append(_Item(inputs, n, key, fut, now, start_by))
+        self._queued_samples += n
         if self._waiter is not None:
             self._wake()
         return fut
@@ -165,8 +207,22 @@ class Batcher:
             samples += item.n
         return count, samples, samples >= max_bs
 
+    def _expire(self) -> None:
+        """Fail queued requests, oldest first, that did not start by their deadline."""
+        q = self._queue
+        now = time.monotonic()
+        while q and q[0].start_by is not None and q[0].start_by < now:
+            item = q.popleft()
+            self._queued_samples -= item.n
+            if not item.future.done():
+                item.future.set_exception(Overloaded("overloaded: the request could not start within its deadline",
+                                                     retry_after=self.estimated_finish()))
+            if self._metrics is not None:
+                self._metrics.rejected("deadline")
+
     async def _loop_forever(self) -> None:
         while True:
+            self._expire()
             if not self._queue:
                 if self._closing:
                     return
@@ -188,6 +244,7 @@ class Batcher:
 
     def _dispatch(self, count: int, samples: int) -> None:
         items = [self._queue.popleft() for _ in range(count)]
+        self._queued_samples -= samples
         self._running += 1
         self._idle.clear()
         self.batches += 1
@@ -227,6 +284,8 @@ class Batcher:
                 self._metrics.error("engine", len(items))
             return
         t0, t1, parts = cf.result()
+        # weight 1/4: follows a load change within a few batches, smooths one slow batch
+        self.batch_seconds = (t1 - t0) if self.batch_seconds == 0 else 0.75 * self.batch_seconds + 0.25 * (t1 - t0)
         m = self._metrics
         if m is not None:
             m.compute.observe(t1 - t0)

@@ -8,8 +8,8 @@ test process. Names are what the tuner's PromQL reads; keep them stable:
   optimodel_compute_seconds           histogram, one engine call (one batch)
   optimodel_batch_size                histogram, samples per engine call
   optimodel_inflight_requests         gauge
-  optimodel_rejected_total{reason}    counter: queue_full, body_too_large, not_ready
-  optimodel_errors_total{reason}      counter: bad_request, engine, ...
+  optimodel_rejected_total{reason}    counter: queue_full, deadline, body_too_large, not_ready, shutting_down
+  optimodel_errors_total{reason}      counter: bad_request, engine, body_timeout, non_finite_output, ...
   optimodel_max_wait_ms, optimodel_max_batch_size   gauges of the config in force
 """
 
@@ -78,7 +78,7 @@ class ServerMetrics:
         self._key = key
         self._rejected_children: dict[str, Counter] = {}
         self._error_children: dict[str, Counter] = {}
-        for reason in ("queue_full", "body_too_large", "not_ready"):
+        for reason in ("queue_full", "deadline", "body_too_large", "not_ready"):
             self.rejected(reason, 0)
         for reason in ("bad_request", "engine"):
             self.error(reason, 0)

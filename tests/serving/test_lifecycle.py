@@ -16,7 +16,7 @@ import numpy as np
 
 from optimodel.batching import BatchingConfig, write_batching_config
 
-from .conftest import MODEL, ROOT_DIR, free_port, wait_ready
+from .conftest import MODEL, ROOT_DIR, free_port, sample, wait_ready
 
 
 def _start(artifact, config, port, *extra) -> subprocess.Popen:
@@ -61,7 +61,11 @@ def test_sigterm_answers_every_accepted_request_then_exits(digits_artifact, digi
 
         with cf.ThreadPoolExecutor(16) as pool:
             futs = [pool.submit(one, i) for i in range(16)]
-            time.sleep(0.3)  # all 16 are in the batcher's window now
+            # all 16 are in the batcher's window before SIGTERM (a fixed sleep was flaky on a loaded box)
+            deadline = time.monotonic() + 20
+            while sample(httpx.get(f"{url}/metrics").text, "optimodel_inflight_requests") < 16:
+                assert time.monotonic() < deadline, "the requests never reached the server"
+                time.sleep(0.02)
             t_term = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             ready = httpx.get(f"{url}/v2/health/ready", timeout=5).status_code

@@ -31,7 +31,7 @@ def test_two_inputs_parse_into_int64_arrays():
 
 
 @pytest.mark.parametrize("body,message", [
-    (_two_inputs([[1, 2, 3, 4.5]], [[1, 1, 1, 1]]), "INT64 data holds non-integer numbers"),
+    (_two_inputs([[1, 2, 3, 4.5]], [[1, 1, 1, 1]]), "INT64 data must hold integers only, got float"),
     (_two_inputs([[1, 2, 3, 4]], [[1, 1, 1, 1], [1, 1, 1, 1]]), "batch size 2 differs from the other inputs' 1"),
     (json.dumps({"inputs": [{"name": "input_ids", "shape": [1, 4], "datatype": "INT64", "data": [1, 2, 3, 4]}]}
                 ).encode(), "missing input(s) attention_mask"),

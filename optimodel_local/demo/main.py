@@ -46,9 +46,8 @@ def run_demo(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
             stopped = demo.stop()
             removed = demo.remove_partial()
-            console.print(f"interrupted during {demo.part}: stopped {stopped} process(es)"
-                          f"{f', removed {removed} half-written file(s)' if removed else ''}; nothing half-written "
-                          "is left", markup=False)
+            cleaned = f"removed {removed} half-written file(s)" if removed else "nothing half-written left"
+            console.print(f"interrupted during {demo.part}: stopped {stopped} process(es), {cleaned}", markup=False)
             return EXIT_INTERRUPTED
         except local_run.LocalRunError as exc:
             demo.stop()

@@ -57,7 +57,7 @@ def make_data(scratch: Path, children: Children, console: Console, reuse: Path |
     that a later run would take for finished."""
     target = scratch / DATA_DIR
     if (target / DATA_DONE).exists():
-        return f"reusing the trained model and datasets in {target}"
+        return f"reusing the model and datasets trained before ({DATA_DIR}/)"
     if target.exists():
         shutil.rmtree(target)  # an incomplete folder from a run of an older version
     tmp = scratch / f".{DATA_DIR}.tmp"

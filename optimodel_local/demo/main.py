@@ -205,7 +205,7 @@ class Demo:
         for r in rows:
             met = "[green]met[/]" if r["sloMet"] else "[red]missed[/]"
             table.add_row(r["phase"], f"{r['rateRps']:g}", f"{r['throughputRps']:.1f}", fmt_ms(r["p50Ms"]),
-                          fmt_ms(r["p99Ms"]), met, " → ".join(f"{w:g}" for w in r["windowsMs"]),
+                          fmt_ms(r["p99Ms"]), met, _windows(r["windowsMs"]),
                           str(r["rejected"] + r["errors"]))
         self.console.print(table)
         reasons = ", ".join(f"{k} {v}" for k, v in Counter(e.reason for e in events).most_common())
@@ -273,6 +273,13 @@ class Demo:
 def _infer_body(images: np.ndarray) -> bytes:
     return json.dumps({"inputs": [{"name": "image", "shape": list(images.shape), "datatype": "FP32",
                                    "data": [round(float(v), 4) for v in images.ravel()]}]}).encode()
+
+
+def _windows(windows: list[float]) -> str:
+    """The windows of a phase in a table cell: each step when few, the range when the tuner moved often."""
+    if len(windows) <= 2:
+        return " → ".join(f"{w:g}" for w in windows)
+    return f"{min(windows):g}–{max(windows):g}, {len(windows) - 1} moves"
 
 
 def _show(path: Path) -> str:

@@ -21,6 +21,10 @@ def write_plot(path: Path, timeline: dict, phases: list[dict], slo_ms: float, ev
     p99 = [v if v is not None else float("nan") for v in timeline["p99Ms"]]
     ax_p99.plot(t, p99, color="tab:blue", lw=1.4, marker=".", ms=4,
                 label=f"p99 latency (per {timeline['stepSeconds']:g} s, client side)")
+    lost = [x for x, v, n in zip(t, p99, timeline["unanswered"]) if v != v and n]
+    if lost:  # more than 1 % of these requests were rejected: their p99 is beyond any number
+        ax_p99.plot(lost, [1.0] * len(lost), "v", color="tab:red", ms=6, transform=ax_p99.get_xaxis_transform(),
+                    clip_on=False, label="> 1 % rejected (no finite p99)")
     ax_p99.axhline(slo_ms, color="tab:red", ls="--", lw=1.2, label=f"SLO {slo_ms:g} ms")
     # log scale: a p99 can run from a few ms to seconds under overload, and both must stay readable
     ax_p99.set_yscale("log")

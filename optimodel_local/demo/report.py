@@ -71,7 +71,7 @@ def timeline(samples: list[Sample], events: list[TunerEvent], initial_window: fl
     buckets: list[list[Sample]] = [[] for _ in range(n)]
     for s in samples:
         buckets[min(n - 1, int(s.at / step_s))].append(s)
-    t, rate, p99, window = [], [], [], []
+    t, rate, p99, window, failed = [], [], [], [], []
     for i, bucket in enumerate(buckets):
         ok = [s.latency_ms for s in bucket if s.status == 200]
         width = min(step_s, seconds - i * step_s)  # the last step may be shorter
@@ -80,7 +80,10 @@ def timeline(samples: list[Sample], events: list[TunerEvent], initial_window: fl
         value = percentile(ok, 99, len(bucket)) if bucket else None
         p99.append(None if value is None or math.isinf(value) else value)
         window.append(window_at(events, (i + 1) * step_s, initial_window))
-    return {"stepSeconds": step_s, "t": t, "arrivalRps": rate, "p99Ms": p99, "windowMs": window}
+        failed.append(len(bucket) - len(ok))
+    # p99Ms is null where more than 1 % of the step's requests got no answer (rejected): no finite p99
+    return {"stepSeconds": step_s, "t": t, "arrivalRps": rate, "p99Ms": p99, "windowMs": window,
+            "unanswered": failed}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

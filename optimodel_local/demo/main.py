@@ -123,8 +123,7 @@ class Demo:
         if self.args.once:
             return 0
         self.part = "serving"
-        self.console.print(f"Serving {model.metadata.name} at {base}/v2/models/{model.metadata.name}/infer "
-                           "until Ctrl-C", markup=False)
+        self.console.print(f"serving at {base} until Ctrl-C", markup=False)
         proc.wait()
         raise local_run.LocalRunError(f"the server exited with code {proc.returncode}", exit_code=3)
 

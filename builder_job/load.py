@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from optimodel.build import BuildReason
+from optimodel.dtypes import NUMPY_DTYPES, ONNX_ELEM_TYPES
 from optimodel.spec import ModelSource, TensorSpec
 
 from builder_job.errors import BuildError
-from builder_job.runtime import NUMPY_DTYPES, ONNX_ELEM_TYPES, example_inputs, flatten_outputs
+from builder_job.runtime import example_inputs, flatten_outputs
 
 TORCH_FORMATS = ("torchscript", "torch-export", "pytorch")
 

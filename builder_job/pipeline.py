@@ -22,6 +22,7 @@ import numpy as np
 
 from optimodel import artifact
 from optimodel.build import BuildReason, BuildRequest, BuildResult
+from optimodel.cpu import cpu_quota
 from optimodel.spec import Accuracy, TensorSpec
 
 from builder_job import compile as compile_stage
@@ -31,7 +32,7 @@ from optimodel.cache_key import toolchain_mismatch
 from optimodel.target import host_cpu_class
 from builder_job.load import LoadedModel
 from builder_job.macs import onnx_macs
-from builder_job.runtime import cpu_quota, example_inputs, ort_runner, ort_session, torch_runner
+from builder_job.runtime import example_inputs, ort_runner, ort_session, torch_runner
 from builder_job.stagelog import StageLog
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optimodel.batching import batch_size_ladder
 from optimodel.spec import TensorSpec
 
 from builder_job.runtime import Runner, example_inputs
@@ -25,22 +26,12 @@ class ProfileSettings:
     warmup: int = 3
 
 
-def batch_sizes(max_batch_size: int) -> list[int]:
-    """1, 2, 4 … up to maxBatchSize, which is always included."""
-    sizes, b = [], 1
-    while b < max_batch_size:
-        sizes.append(b)
-        b *= 2
-    sizes.append(max_batch_size)
-    return sizes
-
-
 def profile_latency(runner: Runner, inputs: list[TensorSpec], max_batch_size: int,
                     data: dict[str, np.ndarray] | None = None,
                     settings: ProfileSettings = ProfileSettings()) -> dict[str, dict[str, float]]:
     """{"<batch>": {p50Ms, p95Ms, p99Ms, meanMs, iterations, samplesPerSecond}}."""
     report: dict[str, dict[str, float]] = {}
-    for batch in batch_sizes(max_batch_size):
+    for batch in batch_size_ladder(max_batch_size):
         feeds = example_inputs(inputs, batch=batch, data=data)
         for _ in range(settings.warmup):
             runner(feeds)

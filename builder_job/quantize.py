@@ -44,15 +44,13 @@ import numpy as np
 
 from builder_job.errors import BuildError
 from optimodel.build import BuildReason
+from optimodel.dtypes import ONNX_NUMPY
 from optimodel.target import Target
 
 PRECISIONS = ("fp32", "fp16", "int8")
 RECIPE_FP16_ON_CPU = "fp32 (fp16 not used on cpu)"
 RECIPE_DYNAMIC = "int8-dynamic"
 
-# ONNX TensorProto element type -> numpy dtype, for the calibration data check.
-_ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
-                9: np.bool_, 10: np.float16, 11: np.float64}
 
 
 @dataclass
@@ -70,7 +68,7 @@ def _graph_inputs(model) -> dict[str, tuple[np.dtype, list[int | None]]]:
             continue
         tt = inp.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        out[inp.name] = (np.dtype(_ONNX_DTYPES.get(tt.elem_type, np.float32)), dims)
+        out[inp.name] = (ONNX_NUMPY.get(tt.elem_type, np.dtype(np.float32)), dims)
     return out
 
 

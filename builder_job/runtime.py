@@ -1,4 +1,5 @@
-"""What several stages share: dtype maps, the container's CPU quota, ONNX Runtime sessions, runners.
+"""What several stages share: ONNX Runtime sessions, runners, example inputs.
+(The dtype tables and the CPU quota are in optimodel, shared with the server.)
 
 A *runner* is any callable from named input arrays to the list of output arrays;
 the gate and the profiler only see runners, so the same code measures a torch
@@ -8,59 +9,19 @@ module, an ONNX Runtime session and a TensorRT engine.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from optimodel.cpu import cpu_quota
+from optimodel.dtypes import NUMPY_DTYPES
 from optimodel.spec import TensorSpec
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-    "int64": np.dtype(np.int64),
-    "int32": np.dtype(np.int32),
-    "int8": np.dtype(np.int8),
-    "uint8": np.dtype(np.uint8),
-    "bool": np.dtype(np.bool_),
-}
-
-# onnx.TensorProto element types, spelled out so this module does not import onnx
-ONNX_ELEM_TYPES: dict[int, str] = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16"}
-
 # a stand-in length for dynamic non-batch axes (sequence length) when no data says better
 DEFAULT_DYNAMIC_DIM = 8
-
-
-def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """CPUs this container may use: the cgroup quota, else the affinity mask.
-
-    os.cpu_count() is the host's core count; in a pod limited to 2 CPUs, sizing
-    thread pools by it oversubscribes and the throttled threads inflate p99.
-    """
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = _cgroup_quota(cgroup_root)
-    if quota is not None:
-        available = min(available, max(1, math.ceil(quota)))
-    return max(1, available)
-
-
-def _cgroup_quota(root: Path) -> float | None:
-    v2 = root / "cpu.max"
-    try:
-        if v2.is_file():
-            quota, period = v2.read_text().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
-        v1_quota, v1_period = root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"
-        if v1_quota.is_file() and v1_period.is_file():
-            quota = int(v1_quota.read_text().strip())
-            return None if quota <= 0 else quota / int(v1_period.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def ort_session(path: Path, threads: int | None = None, level: str = "ORT_ENABLE_ALL",

@@ -1,6 +1,7 @@
 """Train the digits CNN offline and write everything the example manifests use.
 
-Writes into examples/build/ (or --out):
+Writes into examples/build/ (or --out; `optimodel demo` runs it installed, as
+`python -m optimodel_examples.make_digits --out DIR`):
   digits_cnn.onnx          the FP32 model, dynamic batch axis (input 'image', output 'logits')
   digits_cnn.pt            its state_dict, for `format: pytorch` with the digits_cnn entrypoint
   digits_cnn.torchscript   TorchScript of the same model
@@ -23,8 +24,10 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from examples.digits_cnn import build_model  # noqa: E402
+if __package__:  # imported, or python -m optimodel_examples.make_digits (the installed demo)
+    from .digits_cnn import build_model
+else:  # python examples/make_digits.py: this folder is on sys.path
+    from digits_cnn import build_model
 
 
 def load_splits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

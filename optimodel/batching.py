@@ -18,6 +18,17 @@ from optimodel.spec import ApiModel
 BATCHING_FILE = "batching.json"
 
 
+def batch_size_ladder(max_batch_size: int) -> list[int]:
+    """1, 2, 4 … up to max_batch_size, which is always included: the sizes the builder profiles
+    and the server warms up, so that the tuner's profile covers every bucket the server runs."""
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_batch_size)
+    return sizes
+
+
 class BatchingConfig(ApiModel):
     max_wait_ms: float = Field(ge=0, le=10_000)
     max_batch_size: int = Field(ge=1, le=4096)

@@ -37,6 +37,7 @@ from optimodel.artifact import artifact_uri, timing_cache_uri
 from optimodel.batching import BatchingConfig
 from optimodel.build import TRANSIENT_REASONS, BuildResult
 from optimodel.cache_key import cache_key, canonical_options, model_digest
+from optimodel.manifest import field_errors
 from optimodel.spec import EngineStatus, OptimizedModelSpec
 from optimodel.target import Target
 
@@ -289,14 +290,10 @@ def spec_error(raw_spec: Mapping | None) -> tuple[OptimizedModelSpec | None, str
     try:
         return OptimizedModelSpec.model_validate(raw_spec or {}), "", ""
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if not isinstance(p, int)]
-        # pydantic names union branches and validators in loc; keep only field names
-        loc = [p for p in loc if re.match(r"^[a-zA-Z][a-zA-Z0-9]*$", p) and not p[0].isupper()]
-        reason = "InvalidSpec" + "".join(_camel(p) for p in loc) if loc else "InvalidSpec"
-        path = ".".join(["spec", *loc])
-        messages = [f"{'.'.join(['spec', *[str(p) for p in e.get('loc', ())]])}: {e.get('msg')}" for e in exc.errors()]
-        return None, reason[:128], f"{path}: " + "; ".join(messages)[:1000]
+        errors = field_errors(exc, prefix="spec")
+        path = re.sub(r"\[\d+\]", "", errors[0].path)  # the reason names the field, not the list item
+        reason = "InvalidSpec" + "".join(_camel(p) for p in path.split(".")[1:])
+        return None, reason[:128], f"{path}: " + "; ".join(map(str, errors))[:1000]
 
 
 def _spec_uris(spec: OptimizedModelSpec) -> list[tuple[str, str]]:

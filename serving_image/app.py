@@ -20,9 +20,9 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from optimodel.artifact import Manifest
-from optimodel.batching import BatchingConfig
+from optimodel.batching import BatchingConfig, batch_size_ladder
 from serving_image import protocol
-from serving_image.backends import Backend, warm_up, warmup_sizes
+from serving_image.backends import Backend, warm_up
 from serving_image.batcher import Batcher, BatcherClosed, EngineError, Overloaded, QueueFull
 from serving_image.config_watch import ConfigWatcher
 from serving_image.metrics import ServerMetrics
@@ -73,7 +73,7 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
                             interval=watch_interval) if config_path else None
 
     async def warm() -> None:
-        sizes = warmup_sizes(backend.max_batch_size)
+        sizes = batch_size_ladder(backend.max_batch_size)  # the sizes the build profiled
         t0 = time.monotonic()
         try:
             times = await batcher.run_in_engine(warm_up, backend, sizes)

@@ -7,8 +7,6 @@ batch already concatenated; it returns one array per output with the same batch.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -16,13 +14,11 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from optimodel.artifact import Manifest
+from optimodel.cpu import cpu_quota
+from optimodel.dtypes import NUMPY_DTYPES
 from optimodel.spec import TensorSpec
 
 log = logging.getLogger("serving_image")
-
-_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-       "int8": np.int8, "uint8": np.uint8, "bool": np.bool_, "string": np.object_}
-
 
 class Backend(Protocol):
     platform: str  # v2 model metadata "platform"
@@ -34,37 +30,6 @@ class Backend(Protocol):
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None: ...
-
-
-def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """CPUs this container may use: the cgroup quota, else the affinity mask.
-
-    os.cpu_count() reports the node's cores; a pod limited to 2 CPUs running 64
-    intra-op threads is throttled into far worse latency than 2 threads give.
-    """
-    def affinity() -> int:
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            return os.cpu_count() or 1
-
-    limit = None
-    try:
-        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]  # cgroup v2
-        if quota != "max":
-            limit = int(quota) / int(period)
-    except (OSError, ValueError):
-        try:  # cgroup v1
-            quota_us = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
-            period_us = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
-            if quota_us > 0 and period_us > 0:
-                limit = quota_us / period_us
-        except (OSError, ValueError):
-            pass
-    cpus = affinity()
-    if limit is not None:
-        cpus = min(cpus, max(1, math.ceil(limit)))
-    return max(1, cpus)
 
 
 def default_engine_threads(quota: int | None = None) -> int:
@@ -79,22 +44,11 @@ def default_engine_threads(quota: int | None = None) -> int:
     return max(1, quota - 1)
 
 
-def warmup_sizes(max_batch_size: int) -> list[int]:
-    """Batch-size buckets warmed before ready: powers of two up to max, and max itself."""
-    sizes = []
-    b = 1
-    while b < max_batch_size:
-        sizes.append(b)
-        b *= 2
-    sizes.append(max_batch_size)
-    return sizes
-
-
 def dummy_inputs(specs: Sequence[TensorSpec], batch: int) -> dict[str, np.ndarray]:
     feeds = {}
     for t in specs:
         shape = [batch] + [d if d > 0 else 1 for d in t.shape[1:]]
-        dtype = _NP[t.dtype]
+        dtype = NUMPY_DTYPES[t.dtype]
         if t.dtype == "string":
             feeds[t.name] = np.full(shape, "warm-up", dtype=object)
         else:

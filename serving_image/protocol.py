@@ -25,36 +25,13 @@ from typing import Any, Sequence
 import numpy as np
 import orjson
 
+from optimodel.dtypes import V2_DATATYPE, V2_NUMPY
 from optimodel.spec import TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
-# v2 datatype <-> numpy dtype, for the dtypes a TensorSpec can declare.
-V2_DATATYPE = {
-    "float32": "FP32",
-    "float16": "FP16",
-    "int64": "INT64",
-    "int32": "INT32",
-    "int8": "INT8",
-    "uint8": "UINT8",
-    "bool": "BOOL",
-    "string": "BYTES",
-}
-NUMPY_DTYPE = {
-    "FP32": np.dtype(np.float32),
-    "FP16": np.dtype(np.float16),
-    "FP64": np.dtype(np.float64),
-    "INT64": np.dtype(np.int64),
-    "INT32": np.dtype(np.int32),
-    "INT16": np.dtype(np.int16),
-    "INT8": np.dtype(np.int8),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "BOOL": np.dtype(np.bool_),
-    "BYTES": np.dtype(np.object_),
-}
+# v2 datatype <-> numpy dtype: the shared tables (the builder uses the same)
+NUMPY_DTYPE = V2_NUMPY
 _NP_TO_V2 = {v: k for k, v in NUMPY_DTYPE.items()}
 
 

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 import yaml
 
-from optimodel.demo_check import infer_with_tritonclient
+from optimodel_local.check import infer_with_tritonclient
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -78,7 +78,7 @@ def test_failed_build_exits_1_with_the_reason(make_request, tmp_path, store):
     (json.dumps({"modelName": "digits", "cacheKey": "abc", "maxBatchSize": 0, "artifactUri": "file:///x",
                  "target": {"arch": "cpu"},
                  "source": {"uri": "file:///m.onnx", "inputs": [{"name": "x", "dtype": "float99", "shape": [-1]}]}}),
-     ["field 'source.inputs.0.dtype'", "field 'maxBatchSize'"]),
+     ["field 'source.inputs[0].dtype'", "field 'maxBatchSize'"]),
 ])
 def test_invalid_request_exits_2_naming_file_and_field(tmp_path, content, words):
     request_file = tmp_path / "bad-request.json"

@@ -1,4 +1,4 @@
-"""The plain functions behind the stages: CPU quota, metrics, MACs, batch sizes, profiles, stage log."""
+"""The plain functions behind the stages: metrics, MACs, profiles, stage log."""
 
 from __future__ import annotations
 
@@ -18,42 +18,13 @@ from builder_job import gate, runtime
 from builder_job.errors import BuildError
 from builder_job.load import build_entrypoint
 from builder_job.macs import onnx_macs
-from builder_job.profile import ProfileSettings, batch_sizes, profile_latency
+from builder_job.profile import ProfileSettings, profile_latency
 from builder_job.stagelog import StageLog
 from builder_job.tensorrt_engine import GpuInfo, profile_shapes
 
 from .conftest import ROOT
 
 AFFINITY = len(os.sched_getaffinity(0))
-
-
-@pytest.mark.parametrize("cpu_max, expected", [
-    ("100000 100000", 1),
-    ("50000 100000", 1),  # half a CPU still needs one thread
-    ("150000 100000", min(AFFINITY, 2)),
-    ("max 100000", AFFINITY),
-    ("6400000 100000", AFFINITY),  # a quota above the cores this process may use
-])
-def test_cpu_quota_from_cgroup_v2(tmp_path, cpu_max, expected):
-    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
-    assert runtime.cpu_quota(tmp_path) == expected
-
-
-def test_cpu_quota_from_cgroup_v1_and_without_cgroup(tmp_path):
-    (tmp_path / "cpu").mkdir()
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
-    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert runtime.cpu_quota(tmp_path) == 1
-    assert runtime.cpu_quota(tmp_path / "absent") == AFFINITY
-
-
-@pytest.mark.parametrize("largest", [1, 3, 8, 12, 32])
-def test_batch_sizes_are_powers_of_two_up_to_the_max(largest):
-    sizes = batch_sizes(largest)
-    assert sizes[0] == 1 and sizes[-1] == largest
-    assert all(b == 2 ** i for i, b in enumerate(sizes[:-1]))
-    assert sizes == sorted(set(sizes))
-    assert len(sizes) == math.ceil(math.log2(largest)) + 1 if largest > 1 else sizes == [1]
 
 
 def test_scores_follow_from_the_outputs():

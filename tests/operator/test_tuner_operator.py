@@ -48,7 +48,7 @@ def server(digits_artifact, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "serving_image", "--artifact", str(digits_artifact), "--config",
                              str(config), "--host", "127.0.0.1", "--port", str(port), "--model-name", "digits"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from optimodel.local_run import wait_ready
+    from optimodel_local.run import wait_ready
     wait_ready(proc, f"http://127.0.0.1:{port}")
     yield port, config
     proc.terminate()

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import uvicorn
 
-from optimodel import local_run
+from optimodel_local import run as local_run
 from optimodel.artifact import EngineInfo, Manifest, open_artifact, publish
 from optimodel.batching import BatchingConfig, write_batching_config
 from optimodel.spec import TensorSpec

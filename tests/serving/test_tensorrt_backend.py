@@ -65,12 +65,13 @@ def trt_artifact(digits_build, tmp_path_factory):
 @pytest.mark.gpu
 def test_tensorrt_matches_onnxruntime(trt_artifact, digits_images, reference):
     from optimodel.artifact import open_artifact
-    from serving_image.backends import load_backend, warm_up, warmup_sizes
+    from optimodel.batching import batch_size_ladder
+    from serving_image.backends import load_backend, warm_up
 
     local, manifest = open_artifact(trt_artifact.as_uri())
     backend = load_backend(local, manifest)
     assert backend.platform == "tensorrt_plan" and backend.max_batch_size == 32
-    warm_up(backend, warmup_sizes(backend.max_batch_size))
+    warm_up(backend, batch_size_ladder(backend.max_batch_size))
     for n in (1, 7, 32):
         x = digits_images[:n]
         got = backend.run({"image": x})["logits"]

@@ -9,7 +9,6 @@ import pytest
 
 from optimodel.spec import TensorSpec
 from serving_image import protocol
-from serving_image.backends import cpu_quota, warmup_sizes
 from serving_image.metrics import latency_buckets
 
 TOKENS = protocol.ModelIO("minilm", [TensorSpec(name="input_ids", dtype="int64", shape=[-1, 4]),
@@ -70,23 +69,7 @@ def test_decode_body_bounds_decompression():
     assert err.value.status == 415
 
 
-def test_cpu_quota_reads_cgroup_v2_and_v1(tmp_path):
-    v2 = tmp_path / "v2"
-    v2.mkdir()
-    (v2 / "cpu.max").write_text("150000 100000\n")
-    assert cpu_quota(v2) == min(2, len(__import__("os").sched_getaffinity(0)))
-    (v2 / "cpu.max").write_text("max 100000\n")
-    assert cpu_quota(v2) == len(__import__("os").sched_getaffinity(0))
-    v1 = tmp_path / "v1"
-    (v1 / "cpu").mkdir(parents=True)
-    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("50000")
-    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
-    assert cpu_quota(v1) == 1
-
-
 def test_buckets():
-    assert warmup_sizes(32) == [1, 2, 4, 8, 16, 32] and warmup_sizes(24) == [1, 2, 4, 8, 16, 24]
-    assert warmup_sizes(1) == [1]
     b = latency_buckets()
     assert b[0] == 0.0005 and b[-1] == 10.0 and b == sorted(b)
     assert all(round(hi - lo, 6) <= 0.001 for lo, hi in zip(b, b[1:]) if hi <= 0.02)

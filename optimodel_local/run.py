@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -81,23 +82,36 @@ def _pin_local_code(source: ModelSource, manifest_dir: Path) -> ModelSource:
     return source.model_copy(update={"code": code.model_copy(update={"sha256": file_sha256(path)})})
 
 
-def run_build(request: BuildRequest, work_dir: Path, echo=print) -> LocalBuild:
+def run_build(request: BuildRequest, work_dir: Path) -> LocalBuild:
+    request_file, result_file = write_request(request, work_dir)
+    proc = subprocess.run(builder_command(request_file, result_file), env=child_env())
+    return read_result(request, result_file, proc.returncode)
+
+
+def write_request(request: BuildRequest, work_dir: Path) -> tuple[Path, Path]:
+    """The builder's request file, and where its result will be (removed first: a stale one means nothing)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     request_file = work_dir / f"{request.cache_key}.request.json"
     result_file = work_dir / f"{request.cache_key}.result.json"
     request_file.write_text(request.model_dump_json(by_alias=True, exclude_none=True, indent=2))
     result_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "builder_job", "--request", str(request_file), "--result", str(result_file)]
-    proc = subprocess.run(cmd, env=_child_env(request.base_dir))
+    return request_file, result_file
+
+
+def builder_command(request_file: Path, result_file: Path) -> list[str]:
+    return [sys.executable, "-m", "builder_job", "--request", str(request_file), "--result", str(result_file)]
+
+
+def read_result(request: BuildRequest, result_file: Path, returncode: int | None) -> LocalBuild:
     if not result_file.exists():
-        raise LocalRunError(f"the builder exited with code {proc.returncode} without a result; see its log above")
+        raise LocalRunError(f"the builder exited with code {returncode} without a result; see its log above")
     result = BuildResult.model_validate_json(result_file.read_text())
     if result.state != "Succeeded":
         raise LocalRunError(f"build failed: {result.reason.value}: {result.message}")
     return LocalBuild(request, result, storage.local_path(request.artifact_uri))
 
 
-def _child_env(base_dir: str | None) -> dict[str, str]:
+def child_env() -> dict[str, str]:
     # No PYTHONPATH here: the builder puts the manifest's folder on sys.path itself, so a
     # folder of the user's cannot shadow a module the interpreter needs at start-up.
     env = dict(os.environ)
@@ -114,11 +128,14 @@ def port_free(host: str, port: int) -> bool:
             return False
 
 
-def start_server(model: OptimizedModel, build: LocalBuild, store_dir: Path, host: str, port: int) -> subprocess.Popen:
+def start_server(model: OptimizedModel, build: LocalBuild, store_dir: Path, host: str, port: int,
+                 new_session: bool = False, log: IO | None = None) -> subprocess.Popen:
+    """new_session: the server leaves the terminal's process group, so a Ctrl-C reaches only the caller,
+    which stops it in order (the demo does). log: where its output goes (default: this terminal)."""
     if not port_free(host, port):
         raise LocalRunError(f"port {port} on {host} is in use; pick another with --port", exit_code=3)
     serving = model.spec.serving
-    config_file = store_dir / build.request.namespace / build.request.model_name / "batching.json"
+    config_file = batching_file(store_dir, build)
     write_batching_config(config_file, BatchingConfig(
         max_wait_ms=serving.batching.max_wait_ms, max_batch_size=serving.max_batch_size, max_queue=serving.max_queue))
     cmd = [sys.executable, "-m", "serving_image", "--artifact", str(build.artifact_dir), "--config", str(config_file),
@@ -126,7 +143,13 @@ def start_server(model: OptimizedModel, build: LocalBuild, store_dir: Path, host
     slo = serving.batching.autotune.p99_latency_ms
     if slo:  # the SLO is the admission deadline: a later answer helps nobody
         cmd += ["--deadline-ms", f"{slo:g}"]
-    return subprocess.Popen(cmd, env=_child_env(None))
+    return subprocess.Popen(cmd, env=child_env(), start_new_session=new_session, stdout=log,
+                            stderr=subprocess.STDOUT if log else None)
+
+
+def batching_file(store_dir: Path, build: LocalBuild) -> Path:
+    """The batching config the local server watches and the tuner writes."""
+    return store_dir / build.request.namespace / build.request.model_name / "batching.json"
 
 
 def wait_ready(proc: subprocess.Popen | None, base_url: str, timeout_s: float = 180.0, poll_s: float = 0.2) -> None:

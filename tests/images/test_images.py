@@ -29,8 +29,8 @@ from optimodel.artifact import artifact_uri, open_artifact
 from optimodel.batching import BatchingConfig, write_batching_config
 from optimodel.build import BuildResult
 from optimodel.cache_key import cache_key, canonical_options, model_digest, toolchain_versions
-from optimodel.demo_check import infer_with_tritonclient
-from optimodel.local_run import wait_ready
+from optimodel_local.check import infer_with_tritonclient
+from optimodel_local.run import wait_ready
 from optimodel.spec import OptimizedModel
 from optimodel.target import CPU
 from optimodel_operator import render

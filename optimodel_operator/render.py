@@ -43,7 +43,7 @@ REQUEST_DIR = "/etc/optimodel/request"
 BATCHING_DIR = "/etc/optimodel/batching"
 SELECTOR = f"{L_MANAGED_BY}={MANAGED_BY}"
 
-RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
+RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
                   "seccompProfile": {"type": "RuntimeDefault"}}
 RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                         "capabilities": {"drop": ["ALL"]}}

@@ -31,7 +31,9 @@ class ManifestError(ValueError):
         super().__init__(f"{source}: " + "; ".join(str(e) for e in errors))
 
 
-def field_errors(exc: ValidationError) -> list[FieldError]:
+def field_errors(exc: ValidationError, prefix: str = "") -> list[FieldError]:
+    """One error per (field path, message), paths as a manifest writes them; prefix roots them
+    (the operator validates the spec alone and reports `spec.…`)."""
     out: list[FieldError] = []
     seen: set[tuple[str, str]] = set()
     for err in exc.errors(include_url=False):
@@ -41,7 +43,7 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
                 parts.append(f"[{part}]")
             elif not _TAG.match(str(part)):
                 parts.append(str(part))
-        path = ".".join(parts).replace(".[", "[")
+        path = ".".join([prefix, *parts] if prefix else parts).replace(".[", "[")
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"

@@ -57,7 +57,7 @@ class Settings(BaseModel):
     serving_image: str = _f("ghcr.io/optimodel/serving:0.1.0",
                             "image of the serving Deployments (`python -m serving_image`)")
     image_pull_policy: str = _f("IfNotPresent", "pull policy of both images")
-    prometheus_url: str = _f("", "Prometheus base URL for the tuner (empty: no tuning)")
+    prometheus_url: str = _f("", "Prometheus base URL for the tuner (empty: models with autotune get `Tuned=False, PrometheusNotConfigured`)")
     namespaces: tuple[str, ...] = _f((), "comma-separated namespaces to watch; empty watches all")
     peering: str = _f("", "kopf peering name shared by operator replicas (a ClusterKopfPeering, or a KopfPeering "
                           "per watched namespace); the operator exits 2 with an ERROR when it does not exist",

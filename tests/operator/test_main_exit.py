@@ -31,4 +31,4 @@ def test_unreadable_kubeconfig_is_named(tmp_path):
 def test_an_invalid_setting_exits_2_before_looking_for_a_cluster(tmp_path):
     proc = run_operator(tmp_path, OPTIMODEL_WORKERS="many")
     assert proc.returncode == 2
-    assert "OPTIMODEL_WORKERS='many' is not a number" in proc.stderr
+    assert "OPTIMODEL_WORKERS='many'" in proc.stderr and "integer" in proc.stderr

@@ -13,7 +13,7 @@ REF = render.ModelRef(namespace="ml", name="digits", uid="u1")
 
 def _command(spec_dict: dict) -> list[str]:
     spec = reconcile.OptimizedModelSpec.model_validate(spec_dict)
-    dep = render.deployment(REF, spec, Target(arch="cpu"), "file:///x", "k", Settings(store_uri="file:///store", toolchain=TOOLCHAIN))
+    dep = render.deployment(REF, spec, Target(arch="cpu"), "file:///x", "k", Settings(store_uri="pvc://store/artifacts", toolchain=TOOLCHAIN))
     return dep["spec"]["template"]["spec"]["containers"][0]["command"]
 
 
@@ -29,7 +29,7 @@ def test_grpc_port_is_served_and_exposed():
     cmd = _command(model()["spec"])
     assert cmd[cmd.index("--grpc-port") + 1] == str(render.GRPC_PORT)
     spec = reconcile.OptimizedModelSpec.model_validate(model()["spec"])
-    dep = render.deployment(REF, spec, Target(arch="cpu"), "file:///x", "k", Settings(store_uri="file:///store",
+    dep = render.deployment(REF, spec, Target(arch="cpu"), "file:///x", "k", Settings(store_uri="pvc://store/artifacts",
                                                                                      toolchain=TOOLCHAIN))
     ports = {p["name"]: p["containerPort"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert ports == {"http": render.PORT, "grpc": render.GRPC_PORT}

@@ -186,10 +186,14 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
         top = max(goodput.values())
         best = current if goodput[current] >= top * (1 - settings.min_gain) else max(preds, key=lambda w: goodput[w])
         queue = f", queue wait p99 {obs.queue_p99_ms} ms" if obs.queue_p99_ms else ""
-        return _done(state, current, best, OVERLOADED,
-                     f"{figures}{queue}: arrivals reach the {capacity:.0f} req/s one pod serves with full batches of "
-                     f"{bounds.max_batch_size}; the latency is queueing, which a shorter window does not lower; "
-                     "add replicas", p99[best])
+        if rate >= 0.98 * capacity:
+            why = (f"arrivals reach the {capacity:.0f} req/s one pod serves with full batches of "
+                   f"{bounds.max_batch_size}; the latency is queueing, which a shorter window does not lower")
+        else:
+            # below the profile's capacity yet refusing: the engine runs slower here than when it was profiled
+            why = (f"the server refused {obs.reject_rps:.0f} req/s although the profile puts one pod at "
+                   f"{capacity:.0f} req/s: the engine is slower here than its profile (a busy CPU?)")
+        return _done(state, current, best, OVERLOADED, f"{figures}{queue}: {why}; add replicas", p99[best])
 
     # 6. the best window under the SLO with headroom; move only for a real gain or on a breach
     target = slo * (1 - settings.headroom)

@@ -140,10 +140,9 @@ async def node_changed(memo, **_):
 @kopf.on.event("apps", "v1", "deployments", labels=_with(render.SERVER))
 @kopf.on.event("services", labels=_with(render.SERVICE))
 @kopf.on.event("configmaps", labels=_with(render.BATCHING))
-async def child_changed(resource, namespace, name, labels, memo, **_):
+async def child_changed(namespace, labels, memo, **_):
     ctrl: Controller = memo.ctrl
     ctrl.indexed = True
-    ctrl.forget(resource.kind, namespace, name)
     model = labels.get(render.L_MODEL)
     if model:
         ctrl.trigger(namespace, model)

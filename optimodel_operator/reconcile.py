@@ -167,37 +167,45 @@ class Observed:
 # ---- what to do ----------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+# Each action carries the events that announce it (announce): the controller posts them only
+# when the write changed something (a create answered AlreadyExists announces nothing), so a
+# reconcile that runs before the watch shows its own writes repeats no event.
+
+@dataclass(frozen=True)
 class CreateJob:
     name: str
     arch: str
     cache_key: str
     job: dict
-    request: dict  # the ConfigMap with the build request, created first
+    request: dict  # the ConfigMap with the build request, created right after the Job
+    announce: tuple[Event, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
 class DeleteJob:
     name: str
     why: str
+    announce: tuple[Event, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
 class Apply:
     """Server-side apply of a whole object the operator owns."""
     obj: dict
+    announce: tuple[Event, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
 class Scale:
     name: str
     replicas: int
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
+    announce: tuple[Event, ...] = field(default=(), compare=False)
 
 
 @dataclass
@@ -207,6 +215,10 @@ class Decision:
     events: list[Event] = field(default_factory=list)
     valid: bool = True
     requeue_after: float | None = None  # seconds until a retry is due: look again then
+
+    def all_events(self) -> list[Event]:
+        """What a pass posts when every write changes something: its own events, then the actions' announcements."""
+        return self.events + [e for a in self.actions for e in a.announce]
 
 
 # ---- retries of failed builds ------------------------------------------------------
@@ -420,9 +432,7 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
             out.requeue_after = min(out.requeue_after or step.requeue_after, step.requeue_after)
 
     # ---- 2. builds nobody wants any more hold a GPU for nothing: stop them --------------
-    stops = stop_unwanted_builds(observed.jobs.values(), current_jobs, targets)
-    out.actions += [a for a, _ in stops]
-    out.events += [e for _, e in stops]
+    out.actions += stop_unwanted_builds(observed.jobs.values(), current_jobs, targets)
 
     # ---- 3. architectures that left the spec or the fleet ---------------------------------
     engines.update(departed_engines(prev, targets, missing, fleet))
@@ -468,6 +478,7 @@ def engine_step(arch: str, target: Target, key: str, tried: "Tries", old: Mappin
     same = old.get("cacheKey") == key
     common = dict(artifact_uri=uri, precision=spec.optimization.precision, job_name=jname if job else None)
     transient = False  # a failure another attempt may not repeat (retried with backoff)
+    announce: list[Event] = []  # what the CreateJob, if any, announces
 
     if same and old.get("state") == "Ready":
         # the pod's result may arrive after the engine turned Ready (published first)
@@ -545,7 +556,7 @@ def engine_step(arch: str, target: Target, key: str, tried: "Tries", old: Mappin
         tried = plan.retry_now
         why = ("optimodel.io/rebuild asked for a rebuild" if plan.manual
                else f"retry {tried.retries} of {settings.build_retries} after a transient failure")
-        step.events.append(Event("Normal", "BuildRetried", f"{arch}: {why} ({engine.get('reason')})"))
+        announce.append(Event("Normal", "BuildRetried", f"{arch}: {why} ({engine.get('reason')})"))
         jname = render.job_name(model.name, target, key, tried.attempt)
         step.job_name = jname
         if jname in observed.jobs:  # the retry's Job exists already (a restart mid-retry)
@@ -571,35 +582,34 @@ def engine_step(arch: str, target: Target, key: str, tried: "Tries", old: Mappin
                                      precision=spec.optimization.precision))
         if old.get("reason") != "QuotaExceeded":
             step.events.append(Event("Warning", "QuotaExceeded", f"{arch}: {observed.refused[jname][:500]}"))
+    if same and old.get("state") == "Building" and old.get("jobName") == jname:
+        announce.append(Event("Warning", "BuildJobMissing", f"{arch}: Job {jname} disappeared; recreated it"))
+    elif tried.attempt == 0:
+        announce.append(Event("Normal", "BuildStarted", f"{arch}: Job {jname} builds engine {key}"))
     request = render.build_request(model, spec, target, key, uri, settings.toolchain_for(target),
                                    timing_cache=timing_cache_uri(settings.store_uri, arch, settings.tensorrt_version())
                                    if target.kind == "gpu" else None)
     step.actions.append(CreateJob(
         name=jname, arch=arch, cache_key=key,
         job=render.builder_job(model, spec, target, key, jname, settings, generation),
-        request=render.request_configmap(model, jname, request, target)))
+        request=render.request_configmap(model, jname, request, target), announce=tuple(announce)))
     if jname in observed.refused:
         return step.done(engine)
     engine = tried.stamp(_engine(target, "Building", key, reason="Building",
                                  message=f"building in Job {jname}", **{**common, "job_name": jname}))
-    if same and old.get("state") == "Building" and old.get("jobName") == jname:
-        step.events.append(Event("Warning", "BuildJobMissing", f"{arch}: Job {jname} disappeared; recreated it"))
-    elif tried.attempt == 0:
-        step.events.append(Event("Normal", "BuildStarted", f"{arch}: Job {jname} builds engine {key}"))
-
     return step.done(engine)
 
 
 def stop_unwanted_builds(jobs: Iterable[JobView], current: set[str],
-                         targets: Mapping[str, Target]) -> list[tuple[DeleteJob, Event]]:
+                         targets: Mapping[str, Target]) -> list[DeleteJob]:
     """Active Jobs of an old key or of an architecture no longer built: delete them."""
     out = []
     for job in jobs:
         if job.state == "Active" and not job.deleting and job.name not in current:
             why = ("its architecture left the fleet" if job.arch not in targets
                    else "the spec changed its cache key")
-            out.append((DeleteJob(job.name, why),
-                        Event("Normal", "BuildStopped", f"{job.arch}: deleted Job {job.name}: {why}")))
+            out.append(DeleteJob(job.name, why, announce=(
+                Event("Normal", "BuildStopped", f"{job.arch}: deleted Job {job.name}: {why}"),)))
     return out
 
 
@@ -658,10 +668,10 @@ def plan_rollout(model: render.ModelRef, spec: OptimizedModelSpec, settings: Set
         have = observed.deployments.get(arch)
         if (have is None or have.config_hash != dep["metadata"]["annotations"][render.A_HASH]
                 or have.replicas != dep["spec"]["replicas"]):
-            out.actions.append(Apply(dep))
+            rolling = () if have is not None and have.cache_key == key else (
+                Event("Normal", "RollingOut", f"{arch}: serving engine {key}"),)
+            out.actions.append(Apply(dep, announce=rolling))
             out.pending.add(arch)
-            if have is None or have.cache_key != key:
-                out.events.append(Event("Normal", "RollingOut", f"{arch}: serving engine {key}"))
     for arch in engines:
         # a copy: engines may hold the previous status' own dicts
         eng = {k: v for k, v in engines[arch].items() if k != "servingCacheKey"}
@@ -672,8 +682,8 @@ def plan_rollout(model: render.ModelRef, spec: OptimizedModelSpec, settings: Set
         out.engines[arch] = eng
     for arch, have in observed.deployments.items():
         if arch not in targets and have.replicas != 0:
-            out.actions.append(Scale(have.name, 0))
-            out.events.append(Event("Normal", "ScaledDown", f"{arch}: Deployment {have.name} scaled to 0"))
+            out.actions.append(Scale(have.name, 0, announce=(
+                Event("Normal", "ScaledDown", f"{arch}: Deployment {have.name} scaled to 0"),)))
     return out
 
 

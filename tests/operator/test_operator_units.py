@@ -289,7 +289,7 @@ def test_missing_secret_blocks_the_job():
 def test_vanished_job_is_recreated_with_a_warning():
     d = run()
     again = run(status=d.status)
-    assert of(again, CreateJob) and [e.reason for e in again.events] == ["BuildJobMissing"]
+    assert of(again, CreateJob) and [e.reason for e in again.all_events()] == ["BuildJobMissing"]
 
 
 def test_image_pull_failure_is_its_own_reason():
@@ -445,7 +445,7 @@ def test_stop_unwanted_builds_says_why():
     done = JobView("digits-build-sm80-done", "sm80", "done", "Failed")
     going = JobView("digits-build-sm80-going", "sm80", "going", "Active", deleting=True)
     stops = reconcile.stop_unwanted_builds([old_key, gone, done, going], {"digits-build-sm80-new"}, {"sm80": SM80})
-    assert [(a.name, a.why) for a, _ in stops] == [
+    assert [(a.name, a.why) for a in stops] == [
         ("digits-build-sm80-old", "the spec changed its cache key"),
         ("digits-build-sm90-x", "its architecture left the fleet")]
 
@@ -485,7 +485,7 @@ def test_engine_step_for_one_architecture():
 
     new = step()
     assert new.engine["state"] == "Building" and [type(a).__name__ for a in new.actions] == ["CreateJob"]
-    assert [e.reason for e in new.events] == ["BuildStarted"]
+    assert [e.reason for e in new.actions[0].announce] == ["BuildStarted"]
     hit = step(published=lambda uri: True)
     assert (hit.engine["state"], hit.engine["reason"], hit.actions) == ("Ready", "CacheHit", [])
     secret_spec = reconcile.OptimizedModelSpec.model_validate(

@@ -48,7 +48,7 @@ def test_transient_failure_is_retried_with_backoff_then_given_up():
     (again,) = [a for a in retry.actions if isinstance(a, CreateJob)]
     assert again.name == create.name + "-r1" and again.cache_key == create.cache_key
     assert retry.status["engines"][0]["retries"] == 1
-    assert "BuildRetried" in {e.reason for e in retry.events}
+    assert "BuildRetried" in {e.reason for e in retry.all_events()}
     # the second failure waits twice as long, the third is the last
     jobs2, results2, _ = failed("FetchFailed", retry)
     wait2 = step(retry.status, jobs_ + jobs2, T1, results={**results, **results2})

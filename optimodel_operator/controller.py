@@ -300,11 +300,12 @@ class Controller:
                 events.append(_api_error(action, exc))
                 failed = failed or exc
         self.memory.set_refusals((namespace, name), refused)
-        if status_changed(status, decision.status):
+        patch = decision.patch  # the typed status becomes a dict here, at the API boundary
+        if status_changed(status, patch):
             path = object_path(OM_API, PLURAL, namespace, name, "status")
             try:
-                self.kube.merge_patch(path, {"status": decision.status})
-                self.memory.wrote_status(model.uid, generation, decision.status)
+                self.kube.merge_patch(path, {"status": patch})
+                self.memory.wrote_status(model.uid, generation, patch)
             except KubeError as exc:
                 if exc.status != 404:
                     raise

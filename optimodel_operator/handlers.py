@@ -140,9 +140,10 @@ async def node_changed(memo, **_):
 @kopf.on.event("apps", "v1", "deployments", labels=_with(render.SERVER))
 @kopf.on.event("services", labels=_with(render.SERVICE))
 @kopf.on.event("configmaps", labels=_with(render.BATCHING))
-async def child_changed(namespace, labels, memo, **_):
+async def child_changed(resource, namespace, name, labels, memo, **_):
     ctrl: Controller = memo.ctrl
     ctrl.indexed = True
     model = labels.get(render.L_MODEL)
     if model:
+        ctrl.memory.watched(resource.kind, namespace, model, name)
         ctrl.trigger(namespace, model)

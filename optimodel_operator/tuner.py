@@ -181,8 +181,8 @@ class Tuner:
         archs = sorted(deps)
         if not archs:
             return None  # nothing serves yet: nothing to tune
-        batching_json = ctrl.memory.windows((namespace, name),
-                                            next(iter(ctrl.indexes["batching_index"].get((namespace, name), ())), None))
+        batching_json = ctrl.memory.batching_json(
+            (namespace, name), next(iter(ctrl.indexes["batching_index"].get((namespace, name), ())), None))
         windows = current_windows(batching_json, archs, spec.serving.batching.max_wait_ms)
         for arch, dep in deps.items():
             if self.profiles.get(dep.artifact_uri) is None:  # a missing one is looked for again next pass
@@ -220,9 +220,8 @@ class Tuner:
                                         {**(current.get("maxWaitMsByArch") or {}), **windows})
         cm = render.batching_configmap(model, config)
         try:
-            self.ctrl.kube.apply(cm)
-            # the reconcile must not put back the old windows before the watch shows them
-            self.ctrl.memory.wrote_windows((model.namespace, model.name), cm["data"][render.BATCHING_FILE])
+            # remembered: the reconcile must not put back the old windows before the watch shows them
+            self.ctrl.memory.applied(self.ctrl.kube.apply(cm) or cm)
         except KubeError as exc:
             log.warning("%s/%s: batching ConfigMap not written: %s", model.namespace, model.name, exc)
 

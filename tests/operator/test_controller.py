@@ -53,6 +53,24 @@ async def test_triggers_while_a_pass_runs_fold_into_one_more_pass():
 
 
 @pytest.mark.looptime
+async def test_triggers_while_waiting_for_a_slot_fold_into_that_pass():
+    blocker, work = Work(), Work()
+    blocker.release.clear()
+
+    async def either(key):
+        return await (blocker if key == ("ml", "busy") else work)(key)
+
+    sched = Scheduler(either, max_backoff=60, concurrency=1)
+    sched.trigger(("ml", "busy"))
+    await asyncio.sleep(0)
+    for _ in range(5):
+        sched.trigger(KEY)  # waits for the one slot: every trigger is answered by its first pass
+    blocker.release.set()
+    await asyncio.sleep(1)
+    assert len(work.times) == 1 and not sched.running
+
+
+@pytest.mark.looptime
 async def test_requeue_after_and_the_earliest_due_wins():
     work = Work(30.0, None)
     sched = Scheduler(work, max_backoff=60)
@@ -152,3 +170,25 @@ async def test_a_conflict_on_apply_is_retried(kmock, operator, tmp_path):
     await eventually(lambda: deployments(kmock).get("sm80"), timeout=15, what="the Deployment despite 409s")
     assert kmock.count("PATCH", "deployments") >= 7
     assert reasons(kmock, "ApiError") >= 1
+
+
+async def test_applied_objects_are_not_applied_again_before_the_watch_shows_them(kmock, operator, tmp_path):
+    """Deployments are remembered once applied (bench/operator.py: forgetting them doubled every apply
+    and every RollingOut event); the memory ends with the watch event of the object."""
+    await add_node(kmock)
+    await kmock.put(OM, model())
+    job = (await eventually(lambda: jobs(kmock), what="the Job"))[0]
+    gate = kmock.hold_watch("deployments")
+    await finish_job(kmock, tmp_path, job)
+    await eventually(lambda: deployments(kmock).get("sm80"), what="the Deployment")
+    applies = kmock.count("PATCH", "deployments")
+    for _ in range(3):
+        before = operator.ctrl.reconciles
+        operator.ctrl.trigger(NS, "digits")
+        await eventually(lambda: operator.ctrl.reconciles > before, what="another reconcile")
+    await asyncio.sleep(0.3)
+    assert kmock.count("PATCH", "deployments") == applies == 1
+    assert reasons(kmock, "RollingOut") == 1
+    gate.set()
+    await eventually(lambda: not operator.ctrl.memory.applied_of("Deployment", (NS, "digits")),
+                     what="the memory let go once the watch showed the Deployment")

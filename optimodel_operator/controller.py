@@ -138,7 +138,8 @@ class Memory:
     """What this process wrote that the watches may not show yet. Shared by worker threads:
     every access holds the lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, pvc_root: str | None = None) -> None:
+        self.pvc_root = pvc_root  # where this process finds pvc:// stores (Settings.pvc_root)
         self._lock = threading.Lock()
         self._status: dict[str, tuple[int | None, dict]] = {}  # uid -> (generation, status we wrote)
         self._tuned: dict[str, dict] = {}  # uid -> the Tuned condition the tuner wrote last
@@ -210,7 +211,7 @@ class Memory:
         with self._lock:
             if uri in self._published:
                 return True
-        if is_published(uri):
+        if is_published(uri, pvc_root=self.pvc_root):
             with self._lock:
                 self._published.add(uri)
             return True
@@ -223,7 +224,7 @@ class Controller:
         self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
         self.scheduler = Scheduler(self._reconcile_in_pool, max_backoff=max(settings.resync_seconds, API_RETRY_SECONDS),
                                    concurrency=settings.workers)
-        self.memory = Memory()
+        self.memory = Memory(pvc_root=settings.pvc_root)
         # owned by the event loop; worker threads read the dict it points to, which is never mutated
         self.fleet: dict | None = None
         self.indexed = False

@@ -123,9 +123,10 @@ def serving_status(results: list[ArchResult], now: str) -> dict:
     return out
 
 
-def load_profile(artifact_uri: str) -> EngineProfile | None:
+def load_profile(artifact_uri: str, pvc_root: str | None = None) -> EngineProfile | None:
     try:
-        return EngineProfile.from_report(json.loads(storage.read_bytes(storage.join(artifact_uri, "report.json"))))
+        report = storage.read_bytes(storage.join(artifact_uri, "report.json"), pvc_root=pvc_root)
+        return EngineProfile.from_report(json.loads(report))
     except Exception as exc:  # any store error (fsspec's vary by scheme): tune without a profile, say so
         log.info("no latency profile for %s: %s", artifact_uri, exc)
         return None
@@ -186,7 +187,7 @@ class Tuner:
         windows = current_windows(batching_json, archs, spec.serving.batching.max_wait_ms)
         for arch, dep in deps.items():
             if self.profiles.get(dep.artifact_uri) is None:  # a missing one is looked for again next pass
-                self.profiles[dep.artifact_uri] = load_profile(dep.artifact_uri)
+                self.profiles[dep.artifact_uri] = load_profile(dep.artifact_uri, ctrl.settings.pvc_root)
         profiles = {a: self.profiles.get(deps[a].artifact_uri) for a in archs}
         interval = spec.serving.batching.autotune.interval_seconds
 

@@ -8,11 +8,11 @@ import asyncio
 
 import pytest
 
-from optimodel_operator.controller import Scheduler
+from optimodel_operator.controller import Memory, Scheduler
 from optimodel_operator.kube import KubeError
 
 from operator_helpers import (A100, NS, OM, condition, deployments, engine, eventually, finish_job, gpu_node, jobs,
-                              model, running_operator)
+                              model, publish_engine, running_operator)
 
 KEY = ("ml", "digits")
 
@@ -192,3 +192,12 @@ async def test_applied_objects_are_not_applied_again_before_the_watch_shows_them
     gate.set()
     await eventually(lambda: not operator.ctrl.memory.applied_of("Deployment", (NS, "digits")),
                      what="the memory let go once the watch showed the Deployment")
+
+
+def test_the_operator_finds_pvc_stores_where_its_settings_say(tmp_path, monkeypatch):
+    """OPTIMODEL_PVC_ROOT is a setting like the others: the operator's cache-hit check uses Settings.pvc_root,
+    not whatever the process environment says."""
+    monkeypatch.setenv("OPTIMODEL_PVC_ROOT", str(tmp_path / "elsewhere"))
+    publish_engine(tmp_path, f"file://{tmp_path}/pvc/store/ml/digits/k1", "k1", "sm80")
+    assert Memory(pvc_root=str(tmp_path / "pvc")).is_published("pvc://store/ml/digits/k1")
+    assert not Memory(pvc_root=str(tmp_path / "nothing")).is_published("pvc://store/ml/digits/k1")

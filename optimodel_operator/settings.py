@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from typing import Annotated, Any, Literal, Mapping
 

@@ -14,16 +14,17 @@ One Controller per operator run (kept in kopf's memo), in three parts:
   tuner's Tuned condition, quota refusals, applied objects, published artifacts). Worker
   threads share it, so one lock guards every access.
 
-Created Jobs are not remembered: their names are deterministic, so a reconcile that runs
-before the watch shows a Job creates it again, is answered AlreadyExists and reads it, and
-the events that announce a create (BuildStarted, ...) are posted only when it created.
-Applied objects are remembered until the watch shows an event of them. Not for
-correctness (a second server-side apply of the same object changes nothing) but because
-bench/operator.py measured the cost of forgetting them: at 200 models, each Deployment
-applied twice and its RollingOut event posted twice (29.4 instead of 23.7 requests per
-model, all Deployments 18.0 s instead of 14.9 s). The tuner's windows need it for
-correctness: a reconcile re-renders the batching ConfigMap from what it sees, and must
-not put the old windows back before the watch shows the tuner's write.
+Children this process wrote are remembered until the watch shows an event of them. Not
+for correctness: Job names are deterministic (a second create is answered AlreadyExists
+and the Job read instead; the events that announce a create, BuildStarted and the like,
+are posted only when it created) and a second server-side apply of the same object
+changes nothing; tests/operator/test_controller.py runs reconciles with the watch held
+back and the memory dropped to show it. They are remembered because bench/operator.py
+measured the cost of forgetting: at 200 models each Deployment was applied twice and its
+RollingOut event posted twice (29.4 instead of 23.7 requests per model), and one Job in
+ten was created twice (10.4 instead of 10.0 requests per model until the Jobs). The
+tuner's windows do need it: a reconcile re-renders the batching ConfigMap from what it
+sees, and must not put the old windows back before the watch shows the tuner's write.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from optimodel.spec import API_GROUP, API_VERSION, KIND, PLURAL
 from optimodel_operator import discovery, render
 from optimodel_operator import status as cond
 from optimodel_operator.kube import Kube, KubeError, collection_path, object_path
-from optimodel_operator.reconcile import (Apply, CreateJob, DeleteJob, DeploymentView, Event, Observed, Scale,
-                                          decide, is_quota, status_changed)
+from optimodel_operator.reconcile import (Apply, CreateJob, DeleteJob, DeploymentView, Event, JobView, Observed,
+                                          Scale, decide, is_quota, status_changed)
 from optimodel_operator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class Memory:
         self._status: dict[str, tuple[int | None, dict]] = {}  # uid -> (generation, status we wrote)
         self._tuned: dict[str, dict] = {}  # uid -> the Tuned condition the tuner wrote last
         self._refused: dict[Key, dict[str, str]] = {}  # model -> child name -> a quota's refusal
-        self._applied: dict[Key, dict[tuple[str, str], dict]] = {}  # model -> (kind, name) -> applied, not watched
+        self._written: dict[Key, dict[tuple[str, str], dict]] = {}  # model -> (kind, name) -> written, not watched
         self._published: set[str] = set()  # a published artifact never changes under its key
 
     def wrote_status(self, uid: str, generation: int | None, status: dict) -> None:
@@ -182,29 +183,30 @@ class Memory:
         with self._lock:
             self._refused[key] = dict(refused)
 
-    def applied(self, obj: dict) -> None:
+    def wrote(self, obj: dict) -> None:
+        """A child this process created or applied (the API's answer, or what it sent)."""
         meta = obj["metadata"]
         with self._lock:
-            mine = self._applied.setdefault((meta["namespace"], meta["labels"][render.L_MODEL]), {})
+            mine = self._written.setdefault((meta["namespace"], meta["labels"][render.L_MODEL]), {})
             mine[(obj["kind"], meta["name"])] = obj
 
     def watched(self, kind: str, namespace: str, model: str, name: str) -> None:
         """The watch delivered an event of this object: the index is as new as our write now."""
         with self._lock:
-            mine = self._applied.get((namespace, model))
+            mine = self._written.get((namespace, model))
             if mine is not None:
                 mine.pop((kind, name), None)
                 if not mine:
-                    del self._applied[(namespace, model)]
+                    del self._written[(namespace, model)]
 
-    def applied_of(self, kind: str, key: Key) -> dict[str, dict]:
-        """Objects of this kind and model applied and not yet watched, by name."""
+    def written(self, kind: str, key: Key) -> dict[str, dict]:
+        """Objects of this kind and model written and not yet watched, by name."""
         with self._lock:
-            return {name: obj for (k, name), obj in self._applied.get(key, {}).items() if k == kind}
+            return {name: obj for (k, name), obj in self._written.get(key, {}).items() if k == kind}
 
     def batching_json(self, key: Key, seen: str | None) -> str | None:
         """The batching.json to plan from: the last one applied until the watch shows it."""
-        mine = self.applied_of("ConfigMap", key).get(render.batching_name(key[1]))
+        mine = self.written("ConfigMap", key).get(render.batching_name(key[1]))
         return seen if mine is None else mine["data"][render.BATCHING_FILE]
 
     def is_published(self, uri: str) -> bool:
@@ -276,14 +278,16 @@ class Controller:
     def observe(self, model: render.ModelRef) -> Observed:
         idx, key = self.indexes, (model.namespace, model.name)
         obs = Observed(jobs={job.name: job for job in idx["job_index"].get(key, ())})
+        for jname, obj in self.memory.written("Job", key).items():
+            obs.jobs.setdefault(jname, JobView.from_job(obj))  # created a moment ago: Active
         for jname in obs.jobs:
             obs.pods[jname] = list(idx["pod_index"].get((model.namespace, jname), ()))
         obs.deployments = {dep.arch: dep for dep in idx["deployment_index"].get(key, ())}
-        for obj in self.memory.applied_of("Deployment", key).values():
+        for obj in self.memory.written("Deployment", key).values():
             dep = DeploymentView.from_deployment(obj)
             obs.deployments[dep.arch] = dep
         obs.service_hash = first(idx["service_index"].get(key, ()))
-        mine = self.memory.applied_of("Service", key).get(render.service_name(model.name))
+        mine = self.memory.written("Service", key).get(render.service_name(model.name))
         if mine is not None:
             obs.service_hash = mine["metadata"]["annotations"][render.A_HASH]
         obs.batching_json = self.memory.batching_json(key, first(idx["batching_index"].get(key, ())))
@@ -356,19 +360,21 @@ class Controller:
                 self.kube.merge_patch(object_path("v1", "configmaps", ns, action.name),
                                       {"metadata": {"ownerReferences": request["metadata"]["ownerReferences"]},
                                        "data": request["data"]})
+            self.memory.wrote(job)
             log.info("%s/%s: %s Job %s", ns, model.name, "created" if created else "found existing", action.name)
             return list(action.announce) if created else []
         if isinstance(action, DeleteJob):
             deleted = self.kube.delete(object_path("batch/v1", "jobs", ns, action.name))
+            self.memory.watched("Job", ns, model.name, action.name)  # not to be seen as Active again
             return list(action.announce) if deleted else []
         if isinstance(action, Apply):
-            self.memory.applied(self.kube.apply(action.obj) or action.obj)
+            self.memory.wrote(self.kube.apply(action.obj) or action.obj)
             return list(action.announce)
         if isinstance(action, Scale):
             scaled = self.kube.merge_patch(object_path("apps/v1", "deployments", ns, action.name),
                                            {"spec": {"replicas": action.replicas}})
             if scaled and scaled.get("kind") == "Deployment":
-                self.memory.applied(scaled)  # an applied copy of it must not bring the old replicas back
+                self.memory.wrote(scaled)  # an applied copy of it must not bring the old replicas back
             return list(action.announce)
         raise TypeError(f"unknown action {action!r}")
 

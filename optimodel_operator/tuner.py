@@ -222,7 +222,7 @@ class Tuner:
         cm = render.batching_configmap(model, config)
         try:
             # remembered: the reconcile must not put back the old windows before the watch shows them
-            self.ctrl.memory.applied(self.ctrl.kube.apply(cm) or cm)
+            self.ctrl.memory.wrote(self.ctrl.kube.apply(cm) or cm)
         except KubeError as exc:
             log.warning("%s/%s: batching ConfigMap not written: %s", model.namespace, model.name, exc)
 

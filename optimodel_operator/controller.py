@@ -1,18 +1,11 @@
 """The reconcile loop around the pure decisions: gather, decide, act, report.
 
-One Controller per operator run (kept in kopf's memo), in three parts:
-
-- Scheduler: the one place that says when a model is looked at: now (a watch event),
-  after a delay (a retry due later: requeue-after), with doubling backoff (a reconcile
-  that failed on an API error), or at the resync. It lives on the event loop and only the
-  event loop touches it; a model is never reconciled twice at once, and triggers that
-  arrive meanwhile fold into one more pass.
-- reconcile(): one blocking pass in a worker thread. It reads what exists from kopf's
-  in-memory indexes (no API reads per reconcile), runs reconcile.decide, carries out the
-  actions through kube.Kube and writes status only when it changed.
-- Memory: what this process wrote and the watches may not show yet (its last status, the
-  tuner's Tuned condition, quota refusals, applied objects, published artifacts). Worker
-  threads share it, so one lock guards every access.
+One Controller per operator run (kept in kopf's memo). Its Scheduler (scheduler.py, event
+loop only) says when a model is looked at; each pass, reconcile(), runs in a worker thread:
+it reads what exists from kopf's in-memory indexes (no API reads per reconcile) and from
+Memory (memory.py, under one lock), runs reconcile.decide, carries out the actions through
+kube.Kube and writes status only when it changed. The tuner's passes run through the same
+exclusive(): never beside a reconcile of the same model.
 
 Children this process wrote are remembered until the watch shows an event of them. Not
 for correctness: Job names are deterministic (a second create is answered AlreadyExists
@@ -31,193 +24,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Callable, Mapping
 
-from optimodel.artifact import is_published
 from optimodel.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 from optimodel_operator import discovery, render
 from optimodel_operator import status as cond
 from optimodel_operator.kube import Kube, KubeError, collection_path, object_path
+from optimodel_operator.memory import Memory
 from optimodel_operator.reconcile import (Apply, CreateJob, DeleteJob, DeploymentView, Event, JobView, Observed,
                                           Scale, decide, is_quota, status_changed)
+from optimodel_operator.scheduler import API_RETRY_SECONDS, Key, Scheduler
 from optimodel_operator.settings import Settings
 
 log = logging.getLogger(__name__)
-API_RETRY_SECONDS = 0.5  # first requeue after a failed reconcile, doubling up to the resync period
 OM_API = f"{API_GROUP}/{API_VERSION}"
-# status fields only this operator writes; the rest (Tuned, serving metrics) belongs to the tuner
-OWNED_STATUS = ("observedGeneration", "engines")
-
-Key = tuple[str, str]  # (namespace, name) of an OptimizedModel
 
 
 def first(store) -> Any:
     for item in store or ():
         return item
     return None
-
-
-class Scheduler:
-    """When each model is looked at. Event loop only: no locks, because no thread touches it."""
-
-    def __init__(self, work: Callable[[Key], Awaitable[float | None]], max_backoff: float,
-                 first_backoff: float = API_RETRY_SECONDS, concurrency: int = 8):
-        self.work, self.max_backoff, self.first_backoff = work, max_backoff, first_backoff
-        # passes wait for a slot here, where triggers still fold into them, not in an executor's queue
-        self.slots = asyncio.Semaphore(concurrency)
-        self.running: dict[Key, asyncio.Task] = {}  # waiting for a slot or in a pass
-        self.again: set[Key] = set()  # triggered after its pass began: one more pass after this one
-        self.timers: dict[Key, asyncio.TimerHandle] = {}
-        self.failures: dict[Key, int] = {}
-        self.closed = False
-
-    def trigger(self, key: Key, delay: float = 0.0) -> None:
-        """Look at key now, or after delay seconds (the earliest asked for wins)."""
-        if self.closed:
-            return
-        loop = asyncio.get_running_loop()
-        timer = self.timers.get(key)
-        if delay > 0:
-            if timer is None or timer.when() > loop.time() + delay:
-                if timer is not None:
-                    timer.cancel()
-                self.timers[key] = loop.call_later(delay, self._due, key)
-            return
-        if timer is not None:  # looking now answers what the timer would have asked
-            timer.cancel()
-            del self.timers[key]
-        if key in self.running:
-            self.again.add(key)
-        else:
-            self.running[key] = loop.create_task(self._run(key), name=f"reconcile {key[0]}/{key[1]}")
-
-    def _due(self, key: Key) -> None:
-        self.timers.pop(key, None)
-        self.trigger(key)
-
-    async def _run(self, key: Key) -> None:
-        try:
-            async with self.slots:
-                while True:
-                    self.again.discard(key)  # the pass reads what exists from here on
-                    after = await self._once(key)
-                    if after is not None:
-                        self.trigger(key, after)
-                    if key not in self.again or self.closed:
-                        return
-        finally:
-            self.running.pop(key, None)
-
-    async def _once(self, key: Key) -> float | None:
-        try:
-            after = await self.work(key)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            failures = self.failures[key] = self.failures.get(key, 0) + 1
-            delay = min(self.first_backoff * 2 ** (failures - 1), self.max_backoff)
-            log.warning("reconcile of %s/%s failed (%s); again in %.1f s", *key, exc, delay,
-                        exc_info=not isinstance(exc, KubeError))
-            return delay
-        self.failures.pop(key, None)
-        return after
-
-    def close(self) -> None:
-        self.closed = True
-        for timer in self.timers.values():
-            timer.cancel()
-        self.timers.clear()
-        for task in self.running.values():
-            task.cancel()
-
-
-class Memory:
-    """What this process wrote that the watches may not show yet. Shared by worker threads:
-    every access holds the lock."""
-
-    def __init__(self, pvc_root: str | None = None) -> None:
-        self.pvc_root = pvc_root  # where this process finds pvc:// stores (Settings.pvc_root)
-        self._lock = threading.Lock()
-        self._status: dict[str, tuple[int | None, dict]] = {}  # uid -> (generation, status we wrote)
-        self._tuned: dict[str, dict] = {}  # uid -> the Tuned condition the tuner wrote last
-        self._refused: dict[Key, dict[str, str]] = {}  # model -> child name -> a quota's refusal
-        self._written: dict[Key, dict[tuple[str, str], dict]] = {}  # model -> (kind, name) -> written, not watched
-        self._published: set[str] = set()  # a published artifact never changes under its key
-
-    def wrote_status(self, uid: str, generation: int | None, status: dict) -> None:
-        with self._lock:
-            self._status[uid] = (generation, status)
-
-    def tuned(self, uid: str, condition: dict) -> None:
-        with self._lock:
-            self._tuned[uid] = condition
-
-    def status_of(self, body: Mapping) -> dict:
-        """The model's status as this process last wrote it (the watch may lag behind)."""
-        status = dict(body.get("status") or {})
-        uid = body["metadata"].get("uid", "")
-        with self._lock:
-            mine, tuned = self._status.get(uid), self._tuned.get(uid)
-        if mine is not None and mine[0] == body["metadata"].get("generation"):
-            _, written = mine
-            for k in OWNED_STATUS:
-                if k in written:
-                    status[k] = written[k]
-            others = [c for c in status.get("conditions") or [] if c.get("type") not in cond.OWNED]
-            status["conditions"] = [c for c in written.get("conditions", []) if c.get("type") in cond.OWNED] + others
-        if tuned is not None:
-            status["conditions"] = [tuned if c.get("type") == "Tuned" else c for c in status.get("conditions") or []]
-            if not any(c.get("type") == "Tuned" for c in status["conditions"]):
-                status["conditions"].append(tuned)
-        return status
-
-    def refusals(self, key: Key) -> dict[str, str]:
-        with self._lock:
-            return dict(self._refused.get(key, {}))
-
-    def set_refusals(self, key: Key, refused: Mapping[str, str]) -> None:
-        with self._lock:
-            self._refused[key] = dict(refused)
-
-    def wrote(self, obj: dict) -> None:
-        """A child this process created or applied (the API's answer, or what it sent)."""
-        meta = obj["metadata"]
-        with self._lock:
-            mine = self._written.setdefault((meta["namespace"], meta["labels"][render.L_MODEL]), {})
-            mine[(obj["kind"], meta["name"])] = obj
-
-    def watched(self, kind: str, namespace: str, model: str, name: str) -> None:
-        """The watch delivered an event of this object: the index is as new as our write now."""
-        with self._lock:
-            mine = self._written.get((namespace, model))
-            if mine is not None:
-                mine.pop((kind, name), None)
-                if not mine:
-                    del self._written[(namespace, model)]
-
-    def written(self, kind: str, key: Key) -> dict[str, dict]:
-        """Objects of this kind and model written and not yet watched, by name."""
-        with self._lock:
-            return {name: obj for (k, name), obj in self._written.get(key, {}).items() if k == kind}
-
-    def batching_json(self, key: Key, seen: str | None) -> str | None:
-        """The batching.json to plan from: the last one applied until the watch shows it."""
-        mine = self.written("ConfigMap", key).get(render.batching_name(key[1]))
-        return seen if mine is None else mine["data"][render.BATCHING_FILE]
-
-    def is_published(self, uri: str) -> bool:
-        with self._lock:
-            if uri in self._published:
-                return True
-        if is_published(uri, pvc_root=self.pvc_root):
-            with self._lock:
-                self._published.add(uri)
-            return True
-        return False
 
 
 class Controller:

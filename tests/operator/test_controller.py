@@ -8,7 +8,8 @@ import asyncio
 
 import pytest
 
-from optimodel_operator.controller import Memory, Scheduler
+from optimodel_operator.memory import Memory
+from optimodel_operator.scheduler import Scheduler
 from optimodel_operator.kube import KubeError
 
 from operator_helpers import (A100, NS, OM, condition, deployments, engine, eventually, finish_job, gpu_node, jobs,

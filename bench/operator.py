@@ -45,9 +45,34 @@ def rss_mib(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def operator_requests(emu: Emulator) -> int:
     # everything on the wire came from the operator; the bench writes in-process
     return len(emu._requests)
+
+
+def request_kinds(emu: Emulator, since: int, models: int) -> dict[str, float]:
+    """Requests per model by method and resource (watches left out): where the requests go."""
+    counts: dict[str, int] = {}
+    for r in emu._requests[since:]:
+        if r.params.get("watch") == "true":
+            continue
+        what = f"{r.method.value.upper()} {r.resource.plural if r.resource else '?'}" + (
+            f"/{r.subresource}" if r.subresource else "")
+        counts[what] = counts.get(what, 0) + 1
+    return {k: round(v / models, 2) for k, v in sorted(counts.items())}
+
+
+def machine() -> dict:
+    """What the figures were measured on: the CPU and how busy the machine was (it is shared)."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "?")
+    return {"cpu": model, "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 async def wait_for(check, timeout: float, what: str) -> float:
@@ -86,7 +111,7 @@ async def main(models: int, rollout: bool) -> dict:
             await asyncio.sleep(0.5)
             idle_rss, _ = rss_mib(proc.pid)
             base = operator_requests(emu)
-            start = time.monotonic()
+            start, cpu_start = time.monotonic(), cpu_seconds(proc.pid)
             for i in range(models):
                 await emu.put(OM, model(f"model-{i:03d}"))
             created = time.monotonic() - start
@@ -111,13 +136,15 @@ async def main(models: int, rollout: bool) -> dict:
                 "requests_per_model_until_jobs": round(requests_at_jobs / models, 2),
                 "requests_per_model_settled": round(requests_settled / models, 2),
                 "operator_rss_idle_mib": round(idle_rss, 1), "operator_rss_mib": round(rss_after_jobs, 1),
+                "operator_cpu_s_until_building": round(cpu_seconds(proc.pid) - cpu_start, 2),
             }
             if rollout:
-                start = time.monotonic()
+                start, cpu_start = time.monotonic(), cpu_seconds(proc.pid)
                 for job in emu.live("batch/v1/jobs", NS):
                     await finish_job(emu, tmp, job)
                 await wait_for(lambda: len(emu.live("apps/v1/deployments", NS)) >= want_jobs, 300, "all Deployments")
                 figures["all_deployments_s"] = round(time.monotonic() - start, 3)
+                figures["operator_cpu_s_until_deployments"] = round(cpu_seconds(proc.pid) - cpu_start, 2)
                 for i in range(models):
                     await make_available(emu, f"model-{i:03d}")
 
@@ -127,9 +154,11 @@ async def main(models: int, rollout: bool) -> dict:
                 figures["all_ready_s"] = round(time.monotonic() - start + await wait_for(all_ready, 300, "Ready"), 3)
                 await asyncio.sleep(1.0)
                 figures["requests_per_model_total"] = round((operator_requests(emu) - base) / models, 2)
+                figures["requests_per_model_by_kind"] = request_kinds(emu, base, models)
                 current, peak = rss_mib(proc.pid)
                 figures["operator_rss_mib"] = round(current, 1)
                 figures["operator_rss_peak_mib"] = round(peak, 1)
+            figures["machine_after"] = machine()
             return figures
         finally:
             proc.terminate()
@@ -145,7 +174,11 @@ if __name__ == "__main__":
     parser.add_argument("--models", type=int, default=200)
     parser.add_argument("--no-rollout", action="store_true")
     args = parser.parse_args()
+    before = machine()
     figures = asyncio.run(main(args.models, not args.no_rollout))
+    figures["machine_before"] = before
+    print(f"CPU {before['cpu']}; load average {before['load_average']} before, "
+          f"{figures['machine_after']['load_average']} after")
     print(f"{figures['models']} models x {figures['architectures']} architectures -> {figures['jobs']} builder Jobs")
     print(f"  all Jobs created after          {figures['all_jobs_s']:.2f} s")
     print(f"  API requests per model (Jobs)   {figures['requests_per_model_until_jobs']:.1f}")

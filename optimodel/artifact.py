@@ -162,11 +162,11 @@ def open_artifact(uri: str, cache_dir: Path | None = None, base_dir: Path | None
     return cache_dir, verify_local(cache_dir)
 
 
-def is_published(uri: str, base_dir: Path | None = None) -> bool:
-    """True when a verified artifact is at uri (a cache hit)."""
+def is_published(uri: str, base_dir: Path | None = None, *, pvc_root: str | None = None) -> bool:
+    """True when a verified artifact is at uri (a cache hit). pvc_root: see storage.resolve."""
     try:
         if storage.is_local(uri):
-            verify_local(storage.local_path(uri, base_dir))
+            verify_local(storage.local_path(uri, base_dir, pvc_root=pvc_root))
         else:
             read = storage.read_bytes(storage.join(uri, MANIFEST))
             Manifest.model_validate_json(read)

@@ -40,12 +40,15 @@ def check_uri(uri: str) -> None:
         raise ValueError(f"file URI must be file:///absolute/path or file://./relative/path, got '{uri}'")
 
 
-def _pvc_root() -> Path:
-    return Path(os.environ.get("OPTIMODEL_PVC_ROOT", "/mnt/pvc"))
+def _pvc_root(pvc_root: str | os.PathLike | None = None) -> Path:
+    return Path(pvc_root if pvc_root is not None else os.environ.get("OPTIMODEL_PVC_ROOT", "/mnt/pvc"))
 
 
-def resolve(uri: str, base_dir: str | os.PathLike | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) for a store URI. Relative file:// paths resolve against base_dir."""
+def resolve(uri: str, base_dir: str | os.PathLike | None = None, *,
+            pvc_root: str | os.PathLike | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) for a store URI. Relative file:// paths resolve against base_dir; pvc://
+    claims are mounted under pvc_root (None: $OPTIMODEL_PVC_ROOT, as the pods get it; the operator
+    passes its own setting)."""
     check_uri(uri)
     parsed = urlparse(uri)
     scheme = parsed.scheme
@@ -54,7 +57,7 @@ def resolve(uri: str, base_dir: str | os.PathLike | None = None) -> tuple[fsspec
         path = Path(raw) if raw.startswith("/") else Path(base_dir or os.getcwd()) / raw
         return fsspec.filesystem("file"), str(path.resolve())
     if scheme == "pvc":
-        path = _pvc_root() / parsed.netloc / parsed.path.lstrip("/")
+        path = _pvc_root(pvc_root) / parsed.netloc / parsed.path.lstrip("/")
         return fsspec.filesystem("file"), str(path)
     if scheme in ("s3", "gs"):
         try:
@@ -73,11 +76,12 @@ def is_local(uri: str) -> bool:
     return urlparse(uri).scheme in ("file", "pvc")
 
 
-def local_path(uri: str, base_dir: str | os.PathLike | None = None) -> Path:
+def local_path(uri: str, base_dir: str | os.PathLike | None = None, *,
+               pvc_root: str | os.PathLike | None = None) -> Path:
     """Filesystem path of a file:// or pvc:// URI."""
     if not is_local(uri):
         raise StorageError("NotLocal", f"'{uri}' is not on a local or mounted filesystem")
-    return Path(resolve(uri, base_dir)[1])
+    return Path(resolve(uri, base_dir, pvc_root=pvc_root)[1])
 
 
 def fetch(uri: str, dest: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> Path:
@@ -107,8 +111,9 @@ def exists(uri: str, base_dir: str | os.PathLike | None = None) -> bool:
         return False
 
 
-def read_bytes(uri: str, base_dir: str | os.PathLike | None = None) -> bytes:
-    fs, path = resolve(uri, base_dir)
+def read_bytes(uri: str, base_dir: str | os.PathLike | None = None, *,
+               pvc_root: str | os.PathLike | None = None) -> bytes:
+    fs, path = resolve(uri, base_dir, pvc_root=pvc_root)
     try:
         with fs.open(path, "rb") as f:
             return f.read()

@@ -27,7 +27,7 @@ import kopf
 from optimodel_operator.settings import Settings, SettingsError
 
 
-def missing_credentials() -> str | None:
+def missing_credentials(kubeconfig: str = "") -> str | None:
     """Why no cluster can be reached (in-cluster service account, then kubeconfig), or None."""
     import yaml
     from kubernetes import config
@@ -38,21 +38,20 @@ def missing_credentials() -> str | None:
     except config.ConfigException as exc:
         in_cluster = str(exc)
     try:
-        config.load_kube_config()
+        config.load_kube_config(config_file=kubeconfig or None)
         return None
     except (config.ConfigException, OSError, ValueError, yaml.YAMLError) as exc:
-        kubeconfig = os.environ.get("KUBECONFIG") or "~/.kube/config"
         return (f"no Kubernetes credentials: not in a cluster ({in_cluster}) "
-                f"and no usable kubeconfig at {kubeconfig} ({exc})")
+                f"and no usable kubeconfig at {kubeconfig or '~/.kube/config'} ({exc})")
 
 
 def main() -> int:
     try:
-        cfg = Settings.from_env()
+        cfg = Settings.from_env(os.environ)
     except SettingsError as exc:
         print(f"optimodel-operator: {exc}", file=sys.stderr)
         return 2
-    problem = missing_credentials()
+    problem = missing_credentials(cfg.kubeconfig)
     if problem:
         print(f"optimodel-operator: {problem}", file=sys.stderr)
         return 3
@@ -60,10 +59,10 @@ def main() -> int:
     logging.getLogger().setLevel(getattr(logging, cfg.log_level))
     log = logging.getLogger("optimodel_operator")
     if cfg.peering:
-        from optimodel_operator.kube import Kube
+        from optimodel_operator.kube import Kube, load_configuration
         from optimodel_operator.peering import peering_problem
 
-        kube = Kube()
+        kube = Kube(load_configuration(cfg.kubeconfig))
         try:
             problem = peering_problem(kube, cfg.peering, cfg.namespaces)
         finally:

@@ -1,42 +1,46 @@
 """The reconcile loop around the pure decisions: gather, decide, act, report.
 
-One Controller per operator run (kept in kopf's memo). It reads what exists from
-kopf's in-memory indexes (no API reads per reconcile), overlays its own recent
-writes the watches have not delivered yet, runs reconcile.decide, carries out
-the actions through kube.Kube and writes status only when it changed. Reconciles
-of one model never overlap (a lock per model) and triggers that arrive while one
-is queued fold into it. A reconcile that failed (an API error) is requeued with
-doubling backoff, and one whose decision has a retry due later asks to be looked
-at again then (requeue-after): neither waits for the resync.
+One Controller per operator run (kept in kopf's memo). Its Scheduler (scheduler.py, event
+loop only) says when a model is looked at; each pass, reconcile(), runs in a worker thread:
+it reads what exists from kopf's in-memory indexes (no API reads per reconcile) and from
+Memory (memory.py, under one lock), runs reconcile.decide, carries out the actions through
+kube.Kube and writes status only when it changed. The tuner's passes run through the same
+exclusive(): never beside a reconcile of the same model.
+
+Children this process wrote are remembered until the watch shows an event of them. Not
+for correctness: Job names are deterministic (a second create is answered AlreadyExists
+and the Job read instead; the events that announce a create, BuildStarted and the like,
+are posted only when it created) and a second server-side apply of the same object
+changes nothing; tests/operator/test_controller.py runs reconciles with the watch held
+back and the memory dropped to show it. They are remembered because bench/operator.py
+measured the cost of forgetting: at 200 models each Deployment was applied twice and its
+RollingOut event posted twice (29.4 instead of 23.7 requests per model), and one Job in
+ten was created twice (10.4 instead of 10.0 requests per model until the Jobs). The
+tuner's windows do need it: a reconcile re-renders the batching ConfigMap from what it
+sees, and must not put the old windows back before the watch shows the tuner's write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 import uuid
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from optimodel.artifact import is_published
 from optimodel.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 from optimodel_operator import discovery, render
 from optimodel_operator import status as cond
 from optimodel_operator.kube import Kube, KubeError, collection_path, object_path
+from optimodel_operator.memory import Memory
 from optimodel_operator.reconcile import (Apply, CreateJob, DeleteJob, DeploymentView, Event, JobView, Observed,
                                           Scale, decide, is_quota, status_changed)
+from optimodel_operator.scheduler import API_RETRY_SECONDS, Key, Scheduler
 from optimodel_operator.settings import Settings
 
 log = logging.getLogger(__name__)
-RECENT_SECONDS = 60.0  # how long a write the watch has not shown yet is trusted
-API_RETRY_SECONDS = 0.5  # first requeue after a failed reconcile, doubling up to the resync period
 OM_API = f"{API_GROUP}/{API_VERSION}"
-# status fields only this operator writes; the rest (Tuned, serving metrics) belongs to the tuner
-OWNED_STATUS = ("observedGeneration", "engines")
 
 
 def first(store) -> Any:
@@ -49,74 +53,35 @@ class Controller:
     def __init__(self, settings: Settings, kube: Kube, indexes: Mapping[str, Any]):
         self.settings, self.kube, self.indexes = settings, kube, indexes
         self.pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
-        self.locks: dict[tuple, threading.Lock] = defaultdict(threading.Lock)
-        self.queued: set[tuple] = set()
-        self.queued_lock = threading.Lock()
+        self.scheduler = Scheduler(self._reconcile_in_pool, max_backoff=max(settings.resync_seconds, API_RETRY_SECONDS),
+                                   concurrency=settings.workers)
+        self.memory = Memory(pvc_root=settings.pvc_root)
+        # owned by the event loop; worker threads read the dict it points to, which is never mutated
         self.fleet: dict | None = None
-        self.written: dict[str, tuple[int | None, dict]] = {}  # uid -> (generation, status we wrote)
-        # (kind, ns, name) -> (when, object written); written by worker threads, dropped by the
-        # event loop's watch handlers: every access holds recent_lock
-        self.recent: dict[tuple, tuple[float, dict]] = {}
-        self.recent_lock = threading.Lock()
-        self.published: set[str] = set()
         self.indexed = False
-        self.seen_generation: dict[str, int | None] = {}
-        self.reconciles = 0
-        self.tuned: dict[str, dict] = {}  # uid -> the Tuned condition the tuner wrote last (watch may lag)
-        self.refused: dict[tuple, dict[str, str]] = {}  # (ns, model) -> child name -> quota refusal
-        self.failures: dict[tuple, int] = {}  # consecutive failed reconciles per model (backoff)
-        self.timers: dict[tuple, threading.Timer] = {}  # requeue-after per model
-        self.closed = False
+        self.seen_generation: dict[str, tuple] = {}  # event loop only (model_changed)
+        self.reconciles = 0  # event loop only
+        self._model_locks: dict[Key, asyncio.Lock] = {}  # event loop only
 
-    # ---- scheduling -------------------------------------------------------------------
+    # ---- scheduling (event loop) ------------------------------------------------------------
     def trigger(self, namespace: str, name: str) -> None:
-        key = (namespace, name)
-        with self.queued_lock:
-            if key in self.queued or self.closed:
-                return
-            self.queued.add(key)
-        self.pool.submit(self._run, key)
+        self.scheduler.trigger((namespace, name))
 
     def trigger_all(self) -> None:
-        for (namespace, name) in list(self.indexes["om_index"].keys()):
-            self.trigger(namespace, name)
+        for key in list(self.indexes["om_index"].keys()):
+            self.scheduler.trigger(key)
 
-    def _run(self, key: tuple) -> None:
-        with self.locks[key]:
-            with self.queued_lock:
-                self.queued.discard(key)
-            try:
-                requeue = self.reconcile(*key)
-            except Exception as exc:
-                failures = self.failures.get(key, 0) + 1
-                self.failures[key] = failures
-                delay = min(API_RETRY_SECONDS * 2 ** (failures - 1), self.settings.resync_seconds)
-                log.warning("reconcile of %s/%s failed (%s); again in %.1f s", *key, exc, delay,
-                            exc_info=not isinstance(exc, KubeError))
-                self.requeue(key, delay)
-                return
-            self.failures.pop(key, None)
-            if requeue is not None:
-                self.requeue(key, requeue)
+    async def exclusive(self, key: Key, fn: Callable[..., Any], *args) -> Any:
+        """Run fn in a worker thread while no other work on this model runs (reconcile or tuner)."""
+        lock = self._model_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    def requeue(self, key: tuple, delay: float) -> None:
-        """Look at this model again after delay seconds (the earliest asked for wins)."""
-        due = time.monotonic() + delay
-        with self.queued_lock:
-            timer = self.timers.get(key)
-            if timer is not None and timer.due <= due and timer.is_alive():
-                return
-            if timer is not None:
-                timer.cancel()
-            timer = threading.Timer(delay, self._requeued, (key,))
-            timer.due, timer.daemon = due, True
-            self.timers[key] = timer
-        timer.start()
-
-    def _requeued(self, key: tuple) -> None:
-        with self.queued_lock:
-            self.timers.pop(key, None)
-        self.trigger(*key)
+    async def _reconcile_in_pool(self, key: Key) -> float | None:
+        if self.fleet is None:
+            self.update_fleet()
+        self.reconciles += 1
+        return await self.exclusive(key, self.reconcile, *key, self.fleet or {})
 
     async def resync_forever(self) -> None:
         while True:
@@ -134,150 +99,83 @@ class Controller:
         return changed
 
     def close(self) -> None:
-        with self.queued_lock:
-            self.closed = True  # a requeue timer that fires now finds nothing to schedule on
-            for timer in self.timers.values():
-                timer.cancel()
+        self.scheduler.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.kube.close()
 
-    # ---- gather -----------------------------------------------------------------------
-    def remember(self, obj: dict) -> None:
-        meta = obj["metadata"]
-        with self.recent_lock:
-            self.recent[(obj["kind"], meta["namespace"], meta["name"])] = (time.monotonic(), obj)
-
-    def forget(self, kind: str, namespace: str, name: str) -> None:
-        """The watch delivered an event for this object: trust the indexes for it again."""
-        with self.recent_lock:
-            self.recent.pop((kind, namespace, name), None)
-
-    def recent_of(self, kind: str, namespace: str, uid: str) -> dict[str, dict]:
-        """Objects of this kind the model's last reconciles wrote, by name (stale ones forgotten)."""
-        out, horizon = {}, time.monotonic() - RECENT_SECONDS
-        with self.recent_lock:
-            items = list(self.recent.items())
-        for key, (when, obj) in items:
-            if when < horizon:
-                self.forget(*key)
-            elif key[0] == kind and key[1] == namespace and obj["metadata"]["ownerReferences"][0]["uid"] == uid:
-                out[key[2]] = obj
-        return out
-
+    # ---- gather (worker thread) -----------------------------------------------------------
     def observe(self, model: render.ModelRef) -> Observed:
-        idx, ns, name = self.indexes, model.namespace, model.name
-        obs = Observed()
-        for job in idx["job_index"].get((ns, name), ()):
-            obs.jobs[job.name] = job
-            self.forget("Job", ns, job.name)
-        for jname, obj in self.recent_of("Job", ns, model.uid).items():
-            labels = obj["metadata"]["labels"]
-            obs.jobs.setdefault(jname, JobView(name=jname, arch=labels[render.L_ARCH],
-                                               cache_key=labels[render.L_KEY], state="Active"))
+        idx, key = self.indexes, (model.namespace, model.name)
+        obs = Observed(jobs={job.name: job for job in idx["job_index"].get(key, ())})
+        for jname, obj in self.memory.written("Job", key).items():
+            obs.jobs.setdefault(jname, JobView.from_job(obj))  # created a moment ago: Active
         for jname in obs.jobs:
-            obs.pods[jname] = list(idx["pod_index"].get((ns, jname), ()))
-        for dep in idx["deployment_index"].get((ns, name), ()):
+            obs.pods[jname] = list(idx["pod_index"].get((model.namespace, jname), ()))
+        obs.deployments = {dep.arch: dep for dep in idx["deployment_index"].get(key, ())}
+        for obj in self.memory.written("Deployment", key).values():
+            dep = DeploymentView.from_deployment(obj)
             obs.deployments[dep.arch] = dep
-        by_name = {d.name: d for d in obs.deployments.values()}
-        for dname, obj in self.recent_of("Deployment", ns, model.uid).items():
-            mine = DeploymentView.from_deployment(obj)
-            seen = by_name.get(dname)
-            if seen is not None and (seen.config_hash, seen.replicas) == (mine.config_hash, mine.replicas):
-                self.forget("Deployment", ns, dname)  # the watch caught up
-            else:
-                obs.deployments[mine.arch] = mine
-        obs.refused = dict(self.refused.get((ns, name), {}))
-        obs.service_hash = first(idx["service_index"].get((ns, name), ()))
-        obs.batching_json = first(idx["batching_index"].get((ns, name), ()))
-        mine = self.recent_of("Service", ns, model.uid).get(render.service_name(name))
+        obs.service_hash = first(idx["service_index"].get(key, ()))
+        mine = self.memory.written("Service", key).get(render.service_name(model.name))
         if mine is not None:
-            value = mine["metadata"]["annotations"][render.A_HASH]
-            if obs.service_hash == value:
-                self.forget("Service", ns, render.service_name(name))
-            obs.service_hash = value
-        mine = self.recent_of("ConfigMap", ns, model.uid).get(render.batching_name(name))
-        if mine is not None:
-            value = mine["data"][render.BATCHING_FILE]
-            if obs.batching_json == value:
-                self.forget("ConfigMap", ns, render.batching_name(name))
-            obs.batching_json = value
+            obs.service_hash = mine["metadata"]["annotations"][render.A_HASH]
+        obs.batching_json = self.memory.batching_json(key, first(idx["batching_index"].get(key, ())))
+        obs.refused = self.memory.refusals(key)
         return obs
 
     def status_of(self, body: Mapping) -> dict:
-        status = dict(body.get("status") or {})
-        uid = body["metadata"].get("uid", "")
-        mine = self.written.get(uid)
-        if mine is not None and mine[0] == body["metadata"].get("generation"):
-            _, written = mine
-            for k in OWNED_STATUS:
-                if k in written:
-                    status[k] = written[k]
-            others = [c for c in status.get("conditions") or [] if c.get("type") not in cond.OWNED]
-            status["conditions"] = [c for c in written.get("conditions", []) if c.get("type") in cond.OWNED] + others
-        tuned = self.tuned.get(uid)
-        if tuned is not None:
-            status["conditions"] = [tuned if c.get("type") == "Tuned" else c for c in status.get("conditions") or []]
-            if not any(c.get("type") == "Tuned" for c in status["conditions"]):
-                status["conditions"].append(tuned)
-        return status
-
-    def is_published(self, uri: str) -> bool:
-        if uri in self.published:
-            return True
-        if is_published(uri):
-            self.published.add(uri)  # a published artifact never changes under its key
-            return True
-        return False
+        return self.memory.status_of(body)
 
     def secret_exists(self, namespace: str, name: str) -> bool:
         return self.kube.get(object_path("v1", "secrets", namespace, name)) is not None
 
-    # ---- the reconcile ------------------------------------------------------------------
-    def reconcile(self, namespace: str, name: str) -> float | None:
+    # ---- the reconcile (worker thread) -----------------------------------------------------
+    def reconcile(self, namespace: str, name: str, fleet: Mapping | None = None) -> float | None:
         """One pass; returns seconds after which to look again (a retry due), or None.
-        Raises KubeError when an action failed, so the caller requeues with backoff."""
+        Raises KubeError when an action failed, so the scheduler requeues with backoff."""
         body = first(self.indexes["om_index"].get((namespace, name), ()))
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None  # gone or going: ownerReferences let the garbage collector take the children
-        self.reconciles += 1
-        if self.fleet is None:
-            self.update_fleet()
         model = render.ModelRef.from_body(body)
         generation = body["metadata"].get("generation")
         status = self.status_of(body)
         decision = decide(model=model, raw_spec=body.get("spec"), generation=generation, status=status,
-                          fleet=self.fleet or {}, observed=self.observe(model), settings=self.settings,
-                          published=self.is_published, secret_exists=lambda s: self.secret_exists(namespace, s),
-                          now=cond.now_iso(),
+                          fleet=fleet if fleet is not None else (self.fleet or {}), observed=self.observe(model),
+                          settings=self.settings, published=self.memory.is_published,
+                          secret_exists=lambda s: self.secret_exists(namespace, s), now=cond.now_iso(),
                           rebuild=(body["metadata"].get("annotations") or {}).get(render.A_REBUILD))
         failed: KubeError | None = None
-        refused = self.refused.setdefault((namespace, name), {})
+        refused = self.memory.refusals((namespace, name))
+        events = list(decision.events)
         for action in decision.actions:
             child = _child_name(action)
             try:
-                self.act(model, action)
+                events += self.act(model, action)
                 refused.pop(child, None)
             except KubeError as exc:
                 if exc.status == 403 and is_quota(exc.message):
                     refused[child] = exc.message  # the next pass reports QuotaExceeded with this message
                 log.warning("%s/%s: %s failed: %s", namespace, name, type(action).__name__, exc)
-                decision.events.append(_api_error(action, exc))
+                events.append(_api_error(action, exc))
                 failed = failed or exc
-        if status_changed(status, decision.status):
+        self.memory.set_refusals((namespace, name), refused)
+        patch = decision.patch  # the typed status becomes a dict here, at the API boundary
+        if status_changed(status, patch):
             path = object_path(OM_API, PLURAL, namespace, name, "status")
             try:
-                self.kube.merge_patch(path, {"status": decision.status})
-                self.written[model.uid] = (generation, decision.status)
+                self.kube.merge_patch(path, {"status": patch})
+                self.memory.wrote_status(model.uid, generation, patch)
             except KubeError as exc:
                 if exc.status != 404:
                     raise
-        for event in decision.events:
+        for event in events:
             self.post_event(model, event)
         if failed is not None:
             raise failed
         return decision.requeue_after
 
-    def act(self, model: render.ModelRef, action) -> None:
+    def act(self, model: render.ModelRef, action) -> list[Event]:
+        """Carry out one action; the events it announces when it changed something."""
         ns = model.namespace
         if isinstance(action, CreateJob):
             # the Job first: its request ConfigMap is owned by it (a pod waits for the mount meanwhile)
@@ -285,28 +183,29 @@ class Controller:
             job = created or self.kube.get(object_path("batch/v1", "jobs", ns, action.name))
             if job is None:  # it existed a moment ago and is gone (deleted meanwhile): try again soon
                 raise KubeError(409, "Conflict", f"Job {action.name} already existed and is gone now")
-            if job is not None:
-                request = render.owned_by_job(action.request, job)
-                if self.kube.create(request) is None:
-                    # left by an earlier Job of this name, which the garbage collector may still take
-                    self.kube.merge_patch(object_path("v1", "configmaps", ns, action.name),
-                                          {"metadata": {"ownerReferences": request["metadata"]["ownerReferences"]},
-                                           "data": request["data"]})
-            self.remember(action.job)
+            request = render.owned_by_job(action.request, job)
+            if self.kube.create(request) is None:
+                # left by an earlier Job of this name, which the garbage collector may still take
+                self.kube.merge_patch(object_path("v1", "configmaps", ns, action.name),
+                                      {"metadata": {"ownerReferences": request["metadata"]["ownerReferences"]},
+                                       "data": request["data"]})
+            self.memory.wrote(job)
             log.info("%s/%s: %s Job %s", ns, model.name, "created" if created else "found existing", action.name)
-        elif isinstance(action, DeleteJob):
-            self.kube.delete(object_path("batch/v1", "jobs", ns, action.name))
-            self.forget("Job", ns, action.name)
-        elif isinstance(action, Apply):
-            self.kube.apply(action.obj)
-            self.remember(action.obj)
-        elif isinstance(action, Scale):
-            self.kube.merge_patch(object_path("apps/v1", "deployments", ns, action.name),
-                                  {"spec": {"replicas": action.replicas}})
-            with self.recent_lock:
-                mine = self.recent.get(("Deployment", ns, action.name))
-                if mine is not None:
-                    mine[1]["spec"]["replicas"] = action.replicas
+            return list(action.announce) if created else []
+        if isinstance(action, DeleteJob):
+            deleted = self.kube.delete(object_path("batch/v1", "jobs", ns, action.name))
+            self.memory.watched("Job", ns, model.name, action.name)  # not to be seen as Active again
+            return list(action.announce) if deleted else []
+        if isinstance(action, Apply):
+            self.memory.wrote(self.kube.apply(action.obj) or action.obj)
+            return list(action.announce)
+        if isinstance(action, Scale):
+            scaled = self.kube.merge_patch(object_path("apps/v1", "deployments", ns, action.name),
+                                           {"spec": {"replicas": action.replicas}})
+            if scaled and scaled.get("kind") == "Deployment":
+                self.memory.wrote(scaled)  # an applied copy of it must not bring the old replicas back
+            return list(action.announce)
+        raise TypeError(f"unknown action {action!r}")
 
     def post_event(self, model: render.ModelRef, event) -> None:
         now = cond.now_iso()
@@ -323,7 +222,6 @@ class Controller:
             self.kube.request("POST", collection_path("v1", "events", model.namespace), body)
         except KubeError as exc:
             log.debug("event %s not posted: %s", event.reason, exc)
-
 
 
 def _child_name(action) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import kopf
 
@@ -15,7 +16,7 @@ from optimodel.spec import API_GROUP, API_VERSION, PLURAL
 
 from optimodel_operator import discovery, render
 from optimodel_operator.controller import Controller
-from optimodel_operator.kube import Kube
+from optimodel_operator.kube import Kube, load_configuration
 from optimodel_operator.reconcile import DeploymentView, JobView, PodView
 from optimodel_operator.settings import Settings
 from optimodel_operator.tuner import Tuner
@@ -38,7 +39,7 @@ def login(**kwargs):
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **kwargs) -> None:
-    cfg = Settings.from_env()
+    cfg = Settings.from_env(os.environ)
     settings.posting.reporting_component = render.MANAGED_BY
     settings.persistence.finalizer = "optimodel.io/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="optimodel.io")
@@ -50,7 +51,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **kwar
     for resource in ("jobs", "pods", "deployments", "services", "configmaps"):
         settings.watching.label_selectors[resource] = render.SELECTOR
     loop = asyncio.get_running_loop()
-    kube = await loop.run_in_executor(None, Kube)
+    kube = await loop.run_in_executor(None, lambda: Kube(load_configuration(cfg.kubeconfig)))
     ctrl = Controller(cfg, kube, {name: kwargs[name] for name in INDEXES})
     memo.ctrl = ctrl
     memo.resync = asyncio.create_task(ctrl.resync_forever(), name="optimodel resync")
@@ -142,7 +143,7 @@ async def node_changed(memo, **_):
 async def child_changed(resource, namespace, name, labels, memo, **_):
     ctrl: Controller = memo.ctrl
     ctrl.indexed = True
-    ctrl.forget(resource.kind, namespace, name)
     model = labels.get(render.L_MODEL)
     if model:
+        ctrl.memory.watched(resource.kind, namespace, model, name)
         ctrl.trigger(namespace, model)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from typing import Any, Iterable
@@ -68,14 +67,13 @@ def path_of(obj: dict) -> tuple[str, str]:
             object_path(obj["apiVersion"], plural, meta.get("namespace"), meta["name"]))
 
 
-def load_configuration() -> kubernetes.client.Configuration:
+def load_configuration(kubeconfig: str = "") -> kubernetes.client.Configuration:
+    """In-cluster config, else the kubeconfig Settings names (empty: ~/.kube/config)."""
     config = kubernetes.client.Configuration()
     try:
         kubernetes.config.load_incluster_config(client_configuration=config)
     except kubernetes.config.ConfigException:
-        # the client reads $KUBECONFIG once at import; read it now so a changed environment counts
-        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None,
-                                           client_configuration=config)
+        kubernetes.config.load_kube_config(config_file=kubeconfig or None, client_configuration=config)
     return config
 
 

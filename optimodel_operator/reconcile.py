@@ -38,7 +38,7 @@ from optimodel.batching import BatchingConfig
 from optimodel.build import TRANSIENT_REASONS, BuildResult
 from optimodel.cache_key import cache_key, canonical_options, model_digest
 from optimodel.manifest import field_errors
-from optimodel.spec import EngineStatus, OptimizedModelSpec
+from optimodel.spec import Accuracy, Condition, EngineStatus, OptimizedModelSpec, OptimizedModelStatus, ServingStatus
 from optimodel.target import Target
 
 from optimodel_operator import render
@@ -167,46 +167,88 @@ class Observed:
 # ---- what to do ----------------------------------------------------------------
 
 @dataclass(frozen=True)
-class CreateJob:
-    name: str
-    arch: str
-    cache_key: str
-    job: dict
-    request: dict  # the ConfigMap with the build request, created first
-
-
-@dataclass(frozen=True)
-class DeleteJob:
-    name: str
-    why: str
-
-
-@dataclass(frozen=True)
-class Apply:
-    """Server-side apply of a whole object the operator owns."""
-    obj: dict
-
-
-@dataclass(frozen=True)
-class Scale:
-    name: str
-    replicas: int
-
-
-@dataclass(frozen=True)
 class Event:
     type: str  # Normal | Warning
     reason: str
     message: str
 
 
+# Each action carries the events that announce it (announce): the controller posts them only
+# when the write changed something (a create answered AlreadyExists announces nothing), so a
+# reconcile that runs before the watch shows its own writes repeats no event.
+
+@dataclass(frozen=True)
+class CreateJob:
+    name: str
+    arch: str
+    cache_key: str
+    job: dict
+    request: dict  # the ConfigMap with the build request, created right after the Job
+    announce: tuple[Event, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    name: str
+    why: str
+    announce: tuple[Event, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class Apply:
+    """Server-side apply of a whole object the operator owns."""
+    obj: dict
+    announce: tuple[Event, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    replicas: int
+    announce: tuple[Event, ...] = field(default=(), compare=False)
+
+
 @dataclass
 class Decision:
     actions: list = field(default_factory=list)
-    status: dict = field(default_factory=dict)
+    status: OptimizedModelStatus = field(default_factory=OptimizedModelStatus)
     events: list[Event] = field(default_factory=list)
     valid: bool = True
     requeue_after: float | None = None  # seconds until a retry is due: look again then
+
+    @property
+    def patch(self) -> dict:
+        """The status as the API stores it: what the controller merge-patches (the API boundary)."""
+        return {**self.status.wire(), "conditions": [cond.wire(c) for c in self.status.conditions]}
+
+    def all_events(self) -> list[Event]:
+        """What a pass posts when every write changes something: its own events, then the actions' announcements."""
+        return self.events + [e for a in self.actions for e in a.announce]
+
+
+def parse_status(raw: Mapping | OptimizedModelStatus | None) -> OptimizedModelStatus:
+    """The status as read from the API, typed. What this operator cannot read (a condition someone
+    else wrote badly) is left out rather than failing the reconcile."""
+    if isinstance(raw, OptimizedModelStatus):
+        return raw
+    raw = dict(raw or {})
+    try:
+        return OptimizedModelStatus.model_validate(raw)
+    except ValidationError:
+        pass
+    conditions, engines = [], []
+    for c in raw.get("conditions") or []:
+        try:
+            conditions.append(cond.parse(c))
+        except ValidationError:
+            continue
+    for e in raw.get("engines") or []:
+        try:
+            engines.append(EngineStatus.model_validate(e))
+        except ValidationError:
+            continue
+    return OptimizedModelStatus(observed_generation=raw.get("observedGeneration"), conditions=conditions,
+                                engines=engines)
 
 
 # ---- retries of failed builds ------------------------------------------------------
@@ -219,11 +261,11 @@ class RetryPlan:
     retry_at: str | None = None
     requeue_after: float | None = None
 
-    def stamp(self, engine: dict) -> dict:
-        out = self.tries.stamp(engine) if self.tries else dict(engine)
+    def stamp(self, engine: EngineStatus) -> EngineStatus:
+        out = self.tries.stamp(engine) if self.tries else engine
         if self.retry_at:
-            out["retryAt"] = self.retry_at
-            out["message"] = f"{out.get('message', '')} (retry at {self.retry_at})"[:1000]
+            out = out.model_copy(update={"retry_at": self.retry_at,
+                                         "message": f"{out.message or ''} (retry at {self.retry_at})"[:1000]})
         return out
 
 
@@ -235,33 +277,29 @@ class Tries:
     retries: int = 0  # automatic retries since the last manual one
     rebuild: str | None = None  # the last optimodel.io/rebuild value honoured
 
-    FIELDS = ("attempt", "retries", "rebuild", "retryAt")
-
     @classmethod
-    def of(cls, old: Mapping, key: str) -> "Tries":
-        same = old.get("cacheKey") == key
-        return cls(attempt=int(old.get("attempt") or 0) if same else 0,
-                   retries=int(old.get("retries") or 0) if same else 0, rebuild=old.get("rebuild"))
+    def of(cls, old: EngineStatus | None, key: str) -> "Tries":
+        if old is None:
+            return cls()
+        same = old.cache_key == key
+        return cls(attempt=(old.attempt or 0) if same else 0, retries=(old.retries or 0) if same else 0,
+                   rebuild=old.rebuild)
 
-    def stamp(self, engine: dict) -> dict:
-        out = {k: v for k, v in engine.items() if k not in self.FIELDS}
-        if self.attempt:
-            out["attempt"] = self.attempt
-        if self.retries:
-            out["retries"] = self.retries
-        if self.rebuild is not None:
-            out["rebuild"] = self.rebuild
-        return out
+    def stamp(self, engine: EngineStatus) -> EngineStatus:
+        """The engine with these attempts recorded (and no retry due)."""
+        return engine.model_copy(update={"attempt": self.attempt or None, "retries": self.retries or None,
+                                         "rebuild": self.rebuild, "retry_at": None})
 
-    def after_failure(self, transient: bool, rebuild: str | None, old: Mapping, settings: Settings,
+    def after_failure(self, transient: bool, rebuild: str | None, old: EngineStatus | None, settings: Settings,
                       now: str) -> RetryPlan:
         """A new rebuild annotation value retries once at once; a transient failure retries with
-        exponential backoff up to settings.build_retries times; a deterministic one waits for a new key."""
+        exponential backoff up to settings.build_retries times; a deterministic one waits for a new key.
+        old: the engine's last status when it was of the same key."""
         if rebuild and rebuild != self.rebuild:
             return RetryPlan(retry_now=Tries(self.attempt + 1, 0, rebuild), manual=True)
         if not transient or self.retries >= settings.build_retries:
             return RetryPlan(tries=self)
-        due = old.get("retryAt") if old.get("attempt", 0) == self.attempt and old.get("retryAt") else None
+        due = old.retry_at if old is not None and (old.attempt or 0) == self.attempt and old.retry_at else None
         if due is None:
             delay = settings.build_retry_seconds * 2 ** self.retries
             due = _iso(_parse(now) + timedelta(seconds=delay))
@@ -349,11 +387,11 @@ def _result(pods: list[PodView]) -> BuildResult | None:
     return None
 
 
-def _with_accuracy(engine: dict, result: BuildResult | None) -> dict:
+def _with_accuracy(engine: EngineStatus, result: BuildResult | None) -> EngineStatus:
     """The engine's status with the gate's figures filled in when they arrived late (never dropped)."""
-    if engine.get("accuracy") or result is None or result.accuracy is None or result.cache_key != engine.get("cacheKey"):
+    if engine.accuracy or result is None or result.accuracy is None or result.cache_key != engine.cache_key:
         return engine
-    return {**engine, "accuracy": result.accuracy.wire()}
+    return engine.model_copy(update={"accuracy": Accuracy.model_validate(result.accuracy.wire())})
 
 
 def _log_tail(pods: list[PodView]) -> str:
@@ -363,18 +401,17 @@ def _log_tail(pods: list[PodView]) -> str:
     return ""
 
 
-def _engine(target: Target, state: str, key: str, **kw) -> dict:
-    return EngineStatus(arch=target.arch, product=target.product, state=state, cache_key=key, **kw).wire()
+def _engine(target: Target, state: str, key: str, **kw) -> EngineStatus:
+    return EngineStatus(arch=target.arch, product=target.product, state=state, cache_key=key, **kw)
 
 
-def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int | None, status: Mapping | None,
-           fleet: Mapping[str, Target], observed: Observed, settings: Settings,
-           published: Callable[[str], bool], secret_exists: Callable[[str], bool], now: str,
+def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int | None,
+           status: OptimizedModelStatus | Mapping | None, fleet: Mapping[str, Target], observed: Observed,
+           settings: Settings, published: Callable[[str], bool], secret_exists: Callable[[str], bool], now: str,
            rebuild: str | None = None) -> Decision:
     """rebuild: the model's optimodel.io/rebuild annotation (a new value retries failed builds once)."""
-    status = status or {}
-    old_conditions = status.get("conditions") or []
-    prev = {e.get("arch"): e for e in status.get("engines") or []}
+    status = parse_status(status)
+    prev = {e.arch: e for e in status.engines}
     out = Decision()
 
     spec, bad_reason, bad_message = spec_error(raw_spec)
@@ -384,21 +421,19 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
     if spec is None:
         # no Jobs, no rollout: whatever already serves keeps serving
         out.valid = False
-        blocked = cond.condition("Built", False, bad_reason, bad_message)
-        conds = [cond.condition("Ready", False, bad_reason, bad_message), blocked]
-        out.status = {"observedGeneration": generation,
-                      "conditions": cond.merge_conditions(old_conditions, conds, generation, now),
-                      "engines": list(status.get("engines") or [])}
-        if (cond.get(old_conditions, "Ready") or {}).get("reason") != bad_reason:
+        conds = [cond.make("Ready", False, bad_reason, bad_message), cond.make("Built", False, bad_reason, bad_message)]
+        out.status = OptimizedModelStatus(observed_generation=generation, engines=list(status.engines),
+                                          conditions=cond.merge(status.conditions, conds, generation, now))
+        if (cond.find(status.conditions, "Ready") or _NO_CONDITION).reason != bad_reason:
             out.events.append(Event("Warning", bad_reason, bad_message))
         return out
 
     # ---- 1. an engine per architecture: built, building, failed (retried?) or to build --------
     targets, missing = desired_targets(spec.targets.gpu_architectures, spec.targets.cpu, fleet, settings.cpu_target)
     keys = target_keys(spec, targets, settings)
-    tries = {arch: Tries.of(prev.get(arch) or {}, keys[arch]) for arch in targets}
+    tries = {arch: Tries.of(prev.get(arch), keys[arch]) for arch in targets}
     current_jobs = {render.job_name(model.name, t, keys[a], tries[a].attempt) for a, t in targets.items()}
-    engines: dict[str, dict] = {}
+    engines: dict[str, EngineStatus] = {}
 
     secrets: dict[str, bool] = {}
 
@@ -408,7 +443,7 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
         return secrets[name]
 
     for arch, target in targets.items():
-        step = engine_step(arch, target, keys[arch], tries[arch], prev.get(arch) or {}, model=model, spec=spec,
+        step = engine_step(arch, target, keys[arch], tries[arch], prev.get(arch), model=model, spec=spec,
                            settings=settings, observed=observed, generation=generation, published=published,
                            secret_exists=secret_once, rebuild=rebuild, now=now)
         engines[arch] = step.engine
@@ -420,9 +455,7 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
             out.requeue_after = min(out.requeue_after or step.requeue_after, step.requeue_after)
 
     # ---- 2. builds nobody wants any more hold a GPU for nothing: stop them --------------
-    stops = stop_unwanted_builds(observed.jobs.values(), current_jobs, targets)
-    out.actions += [a for a, _ in stops]
-    out.events += [e for _, e in stops]
+    out.actions += stop_unwanted_builds(observed.jobs.values(), current_jobs, targets)
 
     # ---- 3. architectures that left the spec or the fleet ---------------------------------
     engines.update(departed_engines(prev, targets, missing, fleet))
@@ -430,46 +463,50 @@ def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int 
     # ---- 4. rollout: serve every Ready engine, keep the previous one until then -----------
     rollout = plan_rollout(model, spec, settings, targets, engines, observed, prev)
     out.actions += rollout.actions
-    out.events += rollout.events
-    engines = rollout.engines
 
     # ---- 5. conditions and status ---------------------------------------------------------
-    out.status = status_of(model, spec, generation, old_conditions, now, targets, missing, engines, observed,
-                           rollout)
+    out.status = status_of(model, spec, generation, status.conditions, now, targets, missing, rollout.engines,
+                           observed, rollout)
     return out
 
+
+_NO_CONDITION = cond.make("None", None, "None")
 
 
 @dataclass
 class EngineStep:
     """Step 1's answer for one architecture."""
-    engine: dict | None = None
+    engine: EngineStatus | None = None
     actions: list = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
     job_name: str | None = None  # a retry's Job, wanted from now on
 
-    def done(self, engine: dict) -> "EngineStep":
+    def done(self, engine: EngineStatus) -> "EngineStep":
         self.engine = engine
         return self
 
 
-def engine_step(arch: str, target: Target, key: str, tried: "Tries", old: Mapping, *, model: render.ModelRef,
-                spec: OptimizedModelSpec, settings: Settings, observed: Observed, generation: int | None,
-                published: Callable[[str], bool], secret_exists: Callable[[str], bool], rebuild: str | None,
-                now: str) -> EngineStep:
+def engine_step(arch: str, target: Target, key: str, tried: Tries, old: EngineStatus | None, *,
+                model: render.ModelRef, spec: OptimizedModelSpec, settings: Settings, observed: Observed,
+                generation: int | None, published: Callable[[str], bool], secret_exists: Callable[[str], bool],
+                rebuild: str | None, now: str) -> EngineStep:
     """The engine of one architecture: Ready (built or a cache hit), Building, Failed (and whether a
-    retry is due), or a new builder Job to create, with the events of its transition."""
+    retry is due), or a new builder Job to create, with the events of its transition.
+    old: its engine in the last status (any cache key), None when there was none."""
     step = EngineStep()
     uri = artifact_uri(settings.store_uri, model.namespace, model.name, key)
     jname = render.job_name(model.name, target, key, tried.attempt)
     job = observed.jobs.get(jname)
     pods = observed.pods.get(jname, [])
-    same = old.get("cacheKey") == key
+    same = old is not None and old.cache_key == key
+    old_reason = old.reason if old is not None else None
     common = dict(artifact_uri=uri, precision=spec.optimization.precision, job_name=jname if job else None)
     transient = False  # a failure another attempt may not repeat (retried with backoff)
+    announce: list[Event] = []  # what the CreateJob, if any, announces
+    engine: EngineStatus | None
 
-    if same and old.get("state") == "Ready":
+    if same and old.state == "Ready":
         # the pod's result may arrive after the engine turned Ready (published first)
         engine = _with_accuracy(old, _result(pods))
     elif job is not None and job.state == "Succeeded":
@@ -483,8 +520,8 @@ def engine_step(arch: str, target: Target, key: str, tried: "Tries", old: Mappin
             engine = _engine(target, "Failed", key, reason="ArtifactMissing",
                              message=f"Job {jname} succeeded but {uri} has no verified manifest", **common)
             transient = True  # the store lost or has not shown the artifact yet
-            if not (same and old.get("reason") == "ArtifactMissing"):
-                step.events.append(Event("Warning", "ArtifactMissing", engine["message"]))
+            if not (same and old_reason == "ArtifactMissing"):
+                step.events.append(Event("Warning", "ArtifactMissing", engine.message))
     elif job is not None and job.state == "Failed":
         result = _result(pods)
         waiting = next((p for p in pods if p.waiting_reason in IMAGE_PULL_REASONS), None)
@@ -500,7 +537,7 @@ def engine_step(arch: str, target: Target, key: str, tried: "Tries", old: Mappin
             transient = job.reason == "BackoffLimitExceeded"
         engine = _engine(target, "Failed", key, reason=reason, message=message[:1000],
                          accuracy=result.accuracy if result else None, **common)
-        if not (same and old.get("state") == "Failed" and old.get("reason") == reason):
+        if not (same and old.state == "Failed" and old_reason == reason):
             step.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
     elif published(uri):
         if job is not None:  # the builder publishes just before its Job reports success
@@ -525,101 +562,92 @@ def engine_step(arch: str, target: Target, key: str, tried: "Tries", old: Mappin
         elif waiting is not None and waiting.waiting_reason == "CreateContainerConfigError":
             reason, message = "BuilderConfigError", waiting.waiting_message or reason
         engine = _engine(target, "Building", key, reason=reason, message=message[:1000], **common)
-        if reason != "Building" and old.get("reason") != reason:
+        if reason != "Building" and old_reason != reason:
             step.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
-    elif same and old.get("state") == "Failed":
+    elif same and old.state == "Failed":
         # a failed key is not rebuilt until the spec changes it, a rebuild annotation asks, or its
         # transient failure's retry is due (retryAt is set only for those)
-        engine = {k: v for k, v in old.items() if k not in Tries.FIELDS}
-        transient = bool(old.get("retryAt"))
+        engine = Tries().stamp(old)
+        transient = bool(old.retry_at)
     else:
-        engine = None  # type: ignore[assignment]
+        engine = None
 
-    if engine is not None and engine["state"] == "Failed":
-        plan = tried.after_failure(transient, rebuild, old if same else {}, settings, now)
+    if engine is not None and engine.state == "Failed":
+        plan = tried.after_failure(transient, rebuild, old if same else None, settings, now)
         if plan.retry_now is None:
-            engine = plan.stamp(engine)
-            if plan.requeue_after is not None:
-                step.requeue_after = plan.requeue_after
-            return step.done(engine)
+            step.requeue_after = plan.requeue_after
+            return step.done(plan.stamp(engine))
         tried = plan.retry_now
         why = ("optimodel.io/rebuild asked for a rebuild" if plan.manual
                else f"retry {tried.retries} of {settings.build_retries} after a transient failure")
-        step.events.append(Event("Normal", "BuildRetried", f"{arch}: {why} ({engine.get('reason')})"))
+        announce.append(Event("Normal", "BuildRetried", f"{arch}: {why} ({engine.reason})"))
         jname = render.job_name(model.name, target, key, tried.attempt)
         step.job_name = jname
         if jname in observed.jobs:  # the retry's Job exists already (a restart mid-retry)
-            engine = tried.stamp(_engine(target, "Building", key, reason="Building",
-                                         message=f"building in Job {jname}",
-                                         **{**common, "job_name": jname}))
-            return step.done(engine)
+            return step.done(tried.stamp(_engine(target, "Building", key, reason="Building",
+                                                 message=f"building in Job {jname}",
+                                                 **{**common, "job_name": jname})))
     elif engine is not None:
-        engine = tried.stamp(engine)
-        return step.done(engine)
+        return step.done(tried.stamp(engine))
 
     secret = spec.model.credentials_secret
     if secret and not secret_exists(secret):
         message = f"Secret '{secret}' (spec.model.credentialsSecret) not found in namespace {model.namespace}"
-        engine = _engine(target, "Pending", key, reason="SecretMissing", message=message,
-                         artifact_uri=uri, precision=spec.optimization.precision)
-        if old.get("reason") != "SecretMissing":
+        if old_reason != "SecretMissing":
             step.events.append(Event("Warning", "SecretMissing", message))
-        return step.done(engine)
-    if jname in observed.refused:  # a ResourceQuota refused the Job: say so, and try again
-        engine = tried.stamp(_engine(target, "Pending", key, reason="QuotaExceeded",
-                                     message=observed.refused[jname][:1000], artifact_uri=uri,
-                                     precision=spec.optimization.precision))
-        if old.get("reason") != "QuotaExceeded":
-            step.events.append(Event("Warning", "QuotaExceeded", f"{arch}: {observed.refused[jname][:500]}"))
+        return step.done(_engine(target, "Pending", key, reason="SecretMissing", message=message,
+                                 artifact_uri=uri, precision=spec.optimization.precision))
+    refused = observed.refused.get(jname)  # a ResourceQuota refused the Job: say so, and try again
+    if refused is not None and old_reason != "QuotaExceeded":
+        step.events.append(Event("Warning", "QuotaExceeded", f"{arch}: {refused[:500]}"))
+    if same and old.state == "Building" and old.job_name == jname:
+        announce.append(Event("Warning", "BuildJobMissing", f"{arch}: Job {jname} disappeared; recreated it"))
+    elif tried.attempt == 0:
+        announce.append(Event("Normal", "BuildStarted", f"{arch}: Job {jname} builds engine {key}"))
     request = render.build_request(model, spec, target, key, uri, settings.toolchain_for(target),
                                    timing_cache=timing_cache_uri(settings.store_uri, arch, settings.tensorrt_version())
                                    if target.kind == "gpu" else None)
     step.actions.append(CreateJob(
         name=jname, arch=arch, cache_key=key,
         job=render.builder_job(model, spec, target, key, jname, settings, generation),
-        request=render.request_configmap(model, jname, request, target)))
-    if jname in observed.refused:
-        return step.done(engine)
-    engine = tried.stamp(_engine(target, "Building", key, reason="Building",
-                                 message=f"building in Job {jname}", **{**common, "job_name": jname}))
-    if same and old.get("state") == "Building" and old.get("jobName") == jname:
-        step.events.append(Event("Warning", "BuildJobMissing", f"{arch}: Job {jname} disappeared; recreated it"))
-    elif tried.attempt == 0:
-        step.events.append(Event("Normal", "BuildStarted", f"{arch}: Job {jname} builds engine {key}"))
-
-    return step.done(engine)
+        request=render.request_configmap(model, jname, request, target), announce=tuple(announce)))
+    if refused is not None:
+        return step.done(tried.stamp(_engine(target, "Pending", key, reason="QuotaExceeded", message=refused[:1000],
+                                             artifact_uri=uri, precision=spec.optimization.precision)))
+    return step.done(tried.stamp(_engine(target, "Building", key, reason="Building",
+                                         message=f"building in Job {jname}", **{**common, "job_name": jname})))
 
 
 def stop_unwanted_builds(jobs: Iterable[JobView], current: set[str],
-                         targets: Mapping[str, Target]) -> list[tuple[DeleteJob, Event]]:
+                         targets: Mapping[str, Target]) -> list[DeleteJob]:
     """Active Jobs of an old key or of an architecture no longer built: delete them."""
     out = []
     for job in jobs:
         if job.state == "Active" and not job.deleting and job.name not in current:
             why = ("its architecture left the fleet" if job.arch not in targets
                    else "the spec changed its cache key")
-            out.append((DeleteJob(job.name, why),
-                        Event("Normal", "BuildStopped", f"{job.arch}: deleted Job {job.name}: {why}")))
+            out.append(DeleteJob(job.name, why, announce=(
+                Event("Normal", "BuildStopped", f"{job.arch}: deleted Job {job.name}: {why}"),)))
     return out
 
 
-def departed_engines(prev: Mapping[str, Mapping], targets: Mapping[str, Target], missing: list[str],
-                     fleet: Mapping[str, Target]) -> dict[str, dict]:
+def departed_engines(prev: Mapping[str, EngineStatus], targets: Mapping[str, Target], missing: list[str],
+                     fleet: Mapping[str, Target]) -> dict[str, EngineStatus]:
     """Engines of architectures not built now: Removed (their artifact stays cached), or Pending
     when the spec names an architecture the fleet lacks."""
-    engines: dict[str, dict] = {}
+    engines: dict[str, EngineStatus] = {}
     for arch, old in prev.items():
         if arch in targets or arch in missing:
             continue
-        kept = {k: v for k, v in old.items() if k not in ("reason", "message", "state", "jobName")}
         if arch in fleet or arch == "cpu":
             reason, why = "NotRequested", "spec.targets no longer asks for this architecture"
         else:
             reason, why = "ArchitectureGone", "no schedulable nodes of this architecture left; the artifact stays cached"
-        engines[arch] = {**kept, "arch": arch, "state": "Removed", "reason": reason, "message": why}
+        engines[arch] = old.model_copy(update={"arch": arch, "state": "Removed", "reason": reason, "message": why,
+                                               "job_name": None})
     for arch in missing:
-        engines[arch] = {"arch": arch, "state": "Pending", "reason": "NoNodes",
-                         "message": f"no schedulable nodes with compute capability {arch}"}
+        engines[arch] = EngineStatus(arch=arch, state="Pending", reason="NoNodes",
+                                     message=f"no schedulable nodes with compute capability {arch}")
     return engines
 
 
@@ -628,21 +656,21 @@ class Rollout:
     batching: BatchingConfig
     plan: dict[str, tuple[Target, str, str]]  # arch -> (target, artifact, key) to serve
     pending: set[str]  # archs whose Deployment is being applied now
-    engines: dict[str, dict]  # with servingCacheKey
+    engines: dict[str, EngineStatus]  # with servingCacheKey
     actions: list = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
 
 
 def plan_rollout(model: render.ModelRef, spec: OptimizedModelSpec, settings: Settings, targets: Mapping[str, Target],
-                 engines: Mapping[str, dict], observed: Observed, prev: Mapping[str, Mapping]) -> Rollout:
+                 engines: Mapping[str, EngineStatus], observed: Observed,
+                 prev: Mapping[str, EngineStatus]) -> Rollout:
     batching = render.batching_config(spec, _current_wait(observed.batching_json),
                                       _current_by_arch(observed.batching_json))
     plan: dict[str, tuple[Target, str, str]] = {}
     for arch, target in targets.items():
         eng = engines[arch]
         dep = observed.deployments.get(arch)
-        if eng.get("state") == "Ready":
-            plan[arch] = (target, eng["artifactUri"], eng["cacheKey"])
+        if eng.state == "Ready":
+            plan[arch] = (target, eng.artifact_uri or "", eng.cache_key or "")
         elif dep is not None and dep.artifact_uri:
             plan[arch] = (target, dep.artifact_uri, dep.cache_key)  # the previous engine keeps serving
     out = Rollout(batching=batching, plan=plan, pending=set(), engines={})
@@ -658,53 +686,48 @@ def plan_rollout(model: render.ModelRef, spec: OptimizedModelSpec, settings: Set
         have = observed.deployments.get(arch)
         if (have is None or have.config_hash != dep["metadata"]["annotations"][render.A_HASH]
                 or have.replicas != dep["spec"]["replicas"]):
-            out.actions.append(Apply(dep))
+            rolling = () if have is not None and have.cache_key == key else (
+                Event("Normal", "RollingOut", f"{arch}: serving engine {key}"),)
+            out.actions.append(Apply(dep, announce=rolling))
             out.pending.add(arch)
-            if have is None or have.cache_key != key:
-                out.events.append(Event("Normal", "RollingOut", f"{arch}: serving engine {key}"))
-    for arch in engines:
-        # a copy: engines may hold the previous status' own dicts
-        eng = {k: v for k, v in engines[arch].items() if k != "servingCacheKey"}
+    for arch, eng in engines.items():
+        serving = None
         if arch in plan:
-            key = _serving_key(plan[arch][2], observed.deployments.get(arch), arch in out.pending, prev.get(arch) or {})
-            if key:
-                eng["servingCacheKey"] = key
-        out.engines[arch] = eng
+            serving = _serving_key(plan[arch][2], observed.deployments.get(arch), arch in out.pending, prev.get(arch))
+        out.engines[arch] = eng.model_copy(update={"serving_cache_key": serving})
     for arch, have in observed.deployments.items():
         if arch not in targets and have.replicas != 0:
-            out.actions.append(Scale(have.name, 0))
-            out.events.append(Event("Normal", "ScaledDown", f"{arch}: Deployment {have.name} scaled to 0"))
+            out.actions.append(Scale(have.name, 0, announce=(
+                Event("Normal", "ScaledDown", f"{arch}: Deployment {have.name} scaled to 0"),)))
     return out
 
 
-def status_of(model: render.ModelRef, spec: OptimizedModelSpec, generation: int | None, old_conditions: list,
-              now: str, targets: Mapping[str, Target], missing: list[str], engines: Mapping[str, dict],
-              observed: Observed, rollout: Rollout) -> dict:
-    built = _built_condition(targets, engines, missing)
-    gate = _gate_condition(spec, targets, engines)
+def status_of(model: render.ModelRef, spec: OptimizedModelSpec, generation: int | None,
+              old_conditions: list[Condition], now: str, targets: Mapping[str, Target], missing: list[str],
+              engines: Mapping[str, EngineStatus], observed: Observed, rollout: Rollout) -> OptimizedModelStatus:
+    built = built_condition(targets, engines, missing)
+    gate = gate_condition(spec, targets, engines)
     refused = {arch: observed.refused.get(render.deployment_name(model.name, arch))
                or (observed.deployments[arch].quota if arch in observed.deployments else None)
                for arch in rollout.plan}
-    serving = _serving_condition(rollout.plan, observed, rollout.pending, spec.serving.replicas,
-                                 {a: m for a, m in refused.items() if m})
-    conds = [cond.ready_summary(built, gate, serving), built, gate, serving]
-    status = {
-        "observedGeneration": generation,
-        "conditions": cond.merge_conditions(old_conditions, conds, generation, now),
-        "engines": [engines[a] for a in sorted(engines)],
-    }
+    serving = serving_condition(rollout.plan, observed, rollout.pending, spec.serving.replicas,
+                                {a: m for a, m in refused.items() if m})
+    status = OptimizedModelStatus(
+        observed_generation=generation,
+        conditions=cond.merge(old_conditions, [cond.ready_summary(built, gate, serving), built, gate, serving],
+                              generation, now),
+        engines=[engines[a] for a in sorted(engines)])
     if rollout.plan:
-        status["serving"] = {"endpoint": render.endpoint(model)}
-        if not spec.serving.batching.autotune.enabled:
-            status["serving"]["maxWaitMs"] = rollout.batching.max_wait_ms
+        status.serving = ServingStatus(endpoint=render.endpoint(model), max_wait_ms=None
+                                       if spec.serving.batching.autotune.enabled else rollout.batching.max_wait_ms)
     return status
 
 
-def _serving_key(planned: str, dep: DeploymentView | None, pending: bool, old: Mapping) -> str | None:
+def _serving_key(planned: str, dep: DeploymentView | None, pending: bool, old: EngineStatus | None) -> str | None:
     """The engine the pods run: the planned one once its rollout finished, until then the one before."""
     if dep is not None and not pending and dep.cache_key == planned and dep.available:
         return planned
-    return old.get("servingCacheKey")
+    return old.serving_cache_key if old is not None else None
 
 
 def _current_by_arch(batching_json: str | None) -> dict[str, float]:
@@ -725,63 +748,64 @@ def _current_wait(batching_json: str | None) -> float | None:
         return None
 
 
-def _built_condition(targets: Mapping[str, Target], engines: Mapping[str, dict], missing: list[str]) -> dict:
+def built_condition(targets: Mapping[str, Target], engines: Mapping[str, EngineStatus],
+                    missing: list[str]) -> Condition:
     if not targets:
-        return cond.condition("Built", False, "NoTargets",
-                              f"no schedulable nodes for {', '.join(missing)}" if missing else "no build targets")
+        return cond.make("Built", False, "NoTargets",
+                         f"no schedulable nodes for {', '.join(missing)}" if missing else "no build targets")
     current = [engines[a] for a in targets]
-    failed = [e for e in current if e["state"] == "Failed"]
+    failed = [e for e in current if e.state == "Failed"]
     if failed:
-        return cond.condition("Built", False, failed[0].get("reason") or "BuildFailed",
-                              "; ".join(f"{e['arch']}: {e.get('message', '')}" for e in failed))
-    stuck = [e for e in current if e["state"] in ("Pending", "Building") and e.get("reason") not in (None, "Building")]
+        return cond.make("Built", False, failed[0].reason or "BuildFailed",
+                         "; ".join(f"{e.arch}: {e.message or ''}" for e in failed))
+    stuck = [e for e in current if e.state in ("Pending", "Building") and e.reason not in (None, "Building")]
     if stuck:
-        return cond.condition("Built", False, stuck[0]["reason"],
-                              "; ".join(f"{e['arch']}: {e.get('message', '')}" for e in stuck))
-    building = [e["arch"] for e in current if e["state"] != "Ready"]
+        return cond.make("Built", False, stuck[0].reason, "; ".join(f"{e.arch}: {e.message or ''}" for e in stuck))
+    building = [e.arch for e in current if e.state != "Ready"]
     if building:
-        return cond.condition("Built", False, "Building", f"building {', '.join(building)}")
+        return cond.make("Built", False, "Building", f"building {', '.join(building)}")
     if missing:
-        return cond.condition("Built", False, "ArchitectureUnavailable",
-                              f"no schedulable nodes for {', '.join(missing)}")
-    return cond.condition("Built", True, "Built", f"engines ready for {', '.join(targets)}")
+        return cond.make("Built", False, "ArchitectureUnavailable", f"no schedulable nodes for {', '.join(missing)}")
+    return cond.make("Built", True, "Built", f"engines ready for {', '.join(targets)}")
 
 
-def _gate_condition(spec: OptimizedModelSpec, targets: Mapping[str, Target], engines: Mapping[str, dict]) -> dict:
+def gate_condition(spec: OptimizedModelSpec, targets: Mapping[str, Target],
+                   engines: Mapping[str, EngineStatus]) -> Condition:
     if spec.optimization.accuracy_gate is None:
-        return cond.condition("AccuracyGatePassed", True, "NoGateConfigured", "optimization.accuracyGate is not set")
+        return cond.make("AccuracyGatePassed", True, "NoGateConfigured", "optimization.accuracyGate is not set")
     current = [engines[a] for a in targets]
-    failed = [e for e in current if e.get("reason") == "AccuracyGateFailed"]
+    failed = [e for e in current if e.reason == "AccuracyGateFailed"]
     if failed:
-        return cond.condition("AccuracyGatePassed", False, "AccuracyGateFailed",
-                              "; ".join(f"{e['arch']}: {e.get('message', '')}" for e in failed))
-    if current and all(e["state"] == "Ready" for e in current):
-        return cond.condition("AccuracyGatePassed", True, "GatePassed", "every engine passed the accuracy gate")
-    return cond.condition("AccuracyGatePassed", None, "Building", "waiting for builds")
+        return cond.make("AccuracyGatePassed", False, "AccuracyGateFailed",
+                         "; ".join(f"{e.arch}: {e.message or ''}" for e in failed))
+    if current and all(e.state == "Ready" for e in current):
+        return cond.make("AccuracyGatePassed", True, "GatePassed", "every engine passed the accuracy gate")
+    return cond.make("AccuracyGatePassed", None, "Building", "waiting for builds")
 
 
-def _serving_condition(plan: Mapping[str, tuple], observed: Observed, pending: set[str], replicas: int,
-                       refused: Mapping[str, str]) -> dict:
+def serving_condition(plan: Mapping[str, tuple], observed: Observed, pending: set[str], replicas: int,
+                      refused: Mapping[str, str]) -> Condition:
     """refused: arch -> a ResourceQuota's refusal of its Deployment or of the Deployment's pods."""
     if not plan:
-        return cond.condition("Serving", False, "NoEngine", "no engine is built yet")
+        return cond.make("Serving", False, "NoEngine", "no engine is built yet")
     quota = [(a, m) for a, m in refused.items() if a in plan and m]
     if quota:
-        return cond.condition("Serving", False, "QuotaExceeded", "; ".join(f"{a}: {m}" for a, m in quota)[:1000])
+        return cond.make("Serving", False, "QuotaExceeded", "; ".join(f"{a}: {m}" for a, m in quota)[:1000])
     if replicas == 0:
-        return cond.condition("Serving", True, "ScaledToZero", "spec.serving.replicas is 0")
+        return cond.make("Serving", True, "ScaledToZero", "spec.serving.replicas is 0")
     stuck = [(a, observed.deployments[a].stuck) for a in plan
              if a not in pending and observed.deployments.get(a) and observed.deployments[a].stuck]
     if stuck:
-        return cond.condition("Serving", False, "ProgressDeadlineExceeded",
-                              "; ".join(f"{a}: {message}" for a, message in stuck))
+        return cond.make("Serving", False, "ProgressDeadlineExceeded",
+                         "; ".join(f"{a}: {message}" for a, message in stuck))
     waiting = [a for a in plan if a in pending or not (observed.deployments.get(a) and observed.deployments[a].available)]
     if waiting:
-        return cond.condition("Serving", False, "RollingOut", f"waiting for Deployments of {', '.join(waiting)}")
-    return cond.condition("Serving", True, "Serving", f"serving {', '.join(plan)}")
+        return cond.make("Serving", False, "RollingOut", f"waiting for Deployments of {', '.join(waiting)}")
+    return cond.make("Serving", True, "Serving", f"serving {', '.join(plan)}")
 
 
 def status_changed(old: Mapping | None, new: Mapping) -> bool:
+    """old: the status as read; new: the patch about to be sent (both camelCase)."""
     old = old or {}
     if old.get("observedGeneration") != new.get("observedGeneration"):
         return True

@@ -123,9 +123,10 @@ def serving_status(results: list[ArchResult], now: str) -> dict:
     return out
 
 
-def load_profile(artifact_uri: str) -> EngineProfile | None:
+def load_profile(artifact_uri: str, pvc_root: str | None = None) -> EngineProfile | None:
     try:
-        return EngineProfile.from_report(json.loads(storage.read_bytes(storage.join(artifact_uri, "report.json"))))
+        report = storage.read_bytes(storage.join(artifact_uri, "report.json"), pvc_root=pvc_root)
+        return EngineProfile.from_report(json.loads(report))
     except Exception as exc:  # any store error (fsspec's vary by scheme): tune without a profile, say so
         log.info("no latency profile for %s: %s", artifact_uri, exc)
         return None
@@ -144,11 +145,10 @@ class Tuner:
         self.passes = 0
 
     async def run_forever(self, tick_s: float = 1.0) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             for key in self.due_models():
                 try:
-                    await loop.run_in_executor(self.ctrl.pool, self.tune, *key)
+                    await self.ctrl.exclusive(key, self.tune, *key)  # never beside a reconcile of it
                 except Exception:  # a failing pass must not stop the others; the next interval retries
                     log.exception("tuning %s/%s failed", *key)
             await asyncio.sleep(tick_s)
@@ -168,10 +168,7 @@ class Tuner:
         return out
 
     def tune(self, namespace: str, name: str) -> Pass | None:
-        with self.ctrl.locks[(namespace, name)]:
-            return self._tune(namespace, name)
-
-    def _tune(self, namespace: str, name: str) -> Pass | None:
+        """One pass (blocking; the caller keeps reconciles of this model out meanwhile)."""
         ctrl = self.ctrl
         body = next(iter(ctrl.indexes["om_index"].get((namespace, name), ())), None)
         if body is None:
@@ -185,14 +182,12 @@ class Tuner:
         archs = sorted(deps)
         if not archs:
             return None  # nothing serves yet: nothing to tune
-        batching_json = next(iter(ctrl.indexes["batching_index"].get((namespace, name), ())), None)
-        mine = ctrl.recent_of("ConfigMap", namespace, model.uid).get(render.batching_name(name))
-        if mine is not None:
-            batching_json = mine["data"][render.BATCHING_FILE]
+        batching_json = ctrl.memory.batching_json(
+            (namespace, name), next(iter(ctrl.indexes["batching_index"].get((namespace, name), ())), None))
         windows = current_windows(batching_json, archs, spec.serving.batching.max_wait_ms)
         for arch, dep in deps.items():
             if self.profiles.get(dep.artifact_uri) is None:  # a missing one is looked for again next pass
-                self.profiles[dep.artifact_uri] = load_profile(dep.artifact_uri)
+                self.profiles[dep.artifact_uri] = load_profile(dep.artifact_uri, ctrl.settings.pvc_root)
         profiles = {a: self.profiles.get(deps[a].artifact_uri) for a in archs}
         interval = spec.serving.batching.autotune.interval_seconds
 
@@ -226,8 +221,8 @@ class Tuner:
                                         {**(current.get("maxWaitMsByArch") or {}), **windows})
         cm = render.batching_configmap(model, config)
         try:
-            self.ctrl.kube.apply(cm)
-            self.ctrl.remember(cm)  # the reconcile must not put back the old windows before the watch shows them
+            # remembered: the reconcile must not put back the old windows before the watch shows them
+            self.ctrl.memory.wrote(self.ctrl.kube.apply(cm) or cm)
         except KubeError as exc:
             log.warning("%s/%s: batching ConfigMap not written: %s", model.namespace, model.name, exc)
 
@@ -241,7 +236,7 @@ class Tuner:
         conditions = [tuned if c.get("type") == "Tuned" else c for c in status.get("conditions") or []]
         if old is None:
             conditions.append(tuned)
-        ctrl.tuned[model.uid] = tuned
+        ctrl.memory.tuned(model.uid, tuned)
         if old is not None and old.get("status") != tuned["status"] and tuned["status"] == "False":
             ctrl.post_event(model, Event("Warning", tuned["reason"], tuned["message"]))
         patch = {"status": {"conditions": conditions, "serving": result.serving}}

@@ -28,6 +28,7 @@ Everything else (discovery, fetch) is kmock's own.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
 import json
@@ -148,6 +149,7 @@ def selector_matches(selector: str | None, labels: dict) -> bool:
 class Emulator(kmock.KubernetesEmulator):
     _rv: int = attrs.field(default=0, init=False)
     _faults: list = attrs.field(factory=list, init=False)
+    _held: dict = attrs.field(factory=dict, init=False)  # plural -> released when set
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -159,6 +161,12 @@ class Emulator(kmock.KubernetesEmulator):
              reason: str = "Conflict", message: str = "injected by the test") -> None:
         self._faults.append({"method": method.upper(), "plural": plural, "status": status, "times": times,
                              "subresource": subresource, "reason": reason, "message": message})
+
+    def hold_watch(self, plural: str) -> asyncio.Event:
+        """Watch lag: events of this resource reach no watcher until the returned event is set
+        (writes and reads answer at once, as on a real API server whose watch cache lags)."""
+        gate = self._held[plural] = asyncio.Event()
+        return gate
 
     def count(self, method: str, plural: str, subresource: str | None = None) -> int:
         """How many requests of this method went to this resource."""
@@ -263,6 +271,9 @@ class Emulator(kmock.KubernetesEmulator):
         for event in events:
             yield event
         async for event in mark:
+            gate = self._held.get(request.resource.plural)
+            if gate is not None:
+                await gate.wait()
             meta = event["object"].get("metadata", {})
             if self._visible(request, request.resource, meta.get("namespace"), event["object"]):
                 yield event

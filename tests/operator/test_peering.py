@@ -9,7 +9,7 @@ import sys
 import kmock as kmock_lib
 
 from kube_emulator import VERBS
-from optimodel_operator.kube import Kube
+from optimodel_operator.kube import Kube, load_configuration
 from optimodel_operator.peering import peering_problem
 from optimodel_operator.settings import Settings
 
@@ -21,7 +21,7 @@ def test_standalone_is_the_default_when_run_by_hand():
 
 
 async def test_missing_peering_object_names_the_crd_and_the_setting(kmock, operator_env):
-    kube = await asyncio.to_thread(Kube)
+    kube = await asyncio.to_thread(lambda: Kube(load_configuration(os.environ["KUBECONFIG"])))
     try:
         assert await asyncio.to_thread(peering_problem, kube, "", ()) is None
         problem = await asyncio.to_thread(peering_problem, kube, "optimodel", ())

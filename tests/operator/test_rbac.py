@@ -7,12 +7,13 @@ not grant (a 403 in a real cluster), and a grant nothing uses."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import helm_python as helm
 import pytest
 
-from optimodel_operator.kube import Kube
+from optimodel_operator.kube import Kube, load_configuration
 from optimodel_operator.peering import peering_problem
 
 from operator_helpers import (A100, H100, NS, OM, condition, deployments, eventually, finish_job, gpu_node, jobs,
@@ -89,7 +90,7 @@ async def lifecycle(kmock, tmp_path) -> None:
     await kmock.remove("v1/nodes", None, "node-a100")  # its Deployment scaled to 0 (PATCH)
     await eventually(lambda: deployments(kmock)["sm80"]["spec"]["replicas"] == 0, what="scaled to 0")
     await eventually(lambda: condition(kmock, "Serving"), what="status written")
-    kube = await asyncio.to_thread(Kube)
+    kube = await asyncio.to_thread(lambda: Kube(load_configuration(os.environ["KUBECONFIG"])))
     try:
         # the start's peering check (GET), cluster-wide and per watched namespace
         await asyncio.to_thread(peering_problem, kube, "optimodel", ())

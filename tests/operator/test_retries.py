@@ -41,14 +41,14 @@ def test_transient_failure_is_retried_with_backoff_then_given_up():
     first = step()
     jobs_, results, create = failed("FetchFailed", first)
     waiting = step(first.status, jobs_, T0, results=results)
-    eng = waiting.status["engines"][0]
+    eng = waiting.patch["engines"][0]
     assert eng["state"] == "Failed" and eng["retryAt"] == "2026-01-01T00:00:30.000Z"
     assert waiting.requeue_after == 30 and not waiting.actions
     retry = step(waiting.status, jobs_, T1, results=results)
     (again,) = [a for a in retry.actions if isinstance(a, CreateJob)]
     assert again.name == create.name + "-r1" and again.cache_key == create.cache_key
-    assert retry.status["engines"][0]["retries"] == 1
-    assert "BuildRetried" in {e.reason for e in retry.events}
+    assert retry.patch["engines"][0]["retries"] == 1
+    assert "BuildRetried" in {e.reason for e in retry.all_events()}
     # the second failure waits twice as long, the third is the last
     jobs2, results2, _ = failed("FetchFailed", retry)
     wait2 = step(retry.status, jobs_ + jobs2, T1, results={**results, **results2})
@@ -57,7 +57,7 @@ def test_transient_failure_is_retried_with_backoff_then_given_up():
     jobs3, results3, _ = failed("FetchFailed", retry2)
     done = step(retry2.status, jobs_ + jobs2 + jobs3, T2, results={**results, **results2, **results3})
     assert done.requeue_after is None and not done.actions
-    assert done.status["engines"][0]["retries"] == 2 and "retryAt" not in done.status["engines"][0]
+    assert done.patch["engines"][0]["retries"] == 2 and "retryAt" not in done.patch["engines"][0]
 
 
 def test_pods_that_died_without_a_result_are_transient():
@@ -72,7 +72,7 @@ def test_deterministic_failure_is_never_retried_automatically():
     jobs_, results, _ = failed("AccuracyGateFailed", first)
     later = step(step(first.status, jobs_, results=results).status, jobs_, T2, results=results)
     assert later.requeue_after is None and not later.actions
-    assert "retryAt" not in later.status["engines"][0]
+    assert "retryAt" not in later.patch["engines"][0]
 
 
 def test_rebuild_annotation_retries_once_per_new_value():
@@ -82,7 +82,7 @@ def test_rebuild_annotation_retries_once_per_new_value():
     retry = step(stopped.status, jobs_, rebuild="1", results=results)
     (again,) = [a for a in retry.actions if isinstance(a, CreateJob)]
     assert again.name == create.name + "-r1"
-    assert retry.status["engines"][0]["rebuild"] == "1"
+    assert retry.patch["engines"][0]["rebuild"] == "1"
     jobs2, results2, _ = failed("InvalidModel", retry)
     world = dict(results=({**results, **results2}))
     failed_again = step(retry.status, jobs_ + jobs2, rebuild="1", **world)

@@ -1,5 +1,6 @@
-"""Settings have one source (issue 9 item 10): the fields' descriptions. The README's table is
-generated from them and the chart only sets variables that exist; both fail here when they drift."""
+"""Settings have one source (issue 9 item 10): the fields of optimodel_operator.settings (pydantic-settings).
+The README's and the chart README's tables are generated from them, the chart sets exactly the variables
+that name a chart value, and building settings never reads the process environment unless asked."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from optimodel_operator.settings import (TABLE_END, TABLE_START, Settings, SettingsError, env_names,
-                                         settings_table)
+from optimodel_operator.settings import (CHART_TABLE_END, CHART_TABLE_START, TABLE_END, TABLE_START, Settings,
+                                         SettingsError, chart_table, chart_values, env_names, settings_table)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,6 +20,33 @@ def test_readme_table_is_generated_from_the_settings():
     text = (ROOT / "README.md").read_text()
     table = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
     assert table == settings_table(), "regenerate it: python -m optimodel_operator.settings"
+
+
+def test_chart_readme_table_is_generated_from_the_settings():
+    text = (ROOT / "charts" / "optimodel" / "README.md").read_text()
+    table = text.split(CHART_TABLE_START, 1)[1].split(CHART_TABLE_END, 1)[0].strip()
+    assert table == chart_table(), "regenerate it: python -m optimodel_operator.settings --chart"
+
+
+def test_the_chart_sets_each_variable_from_the_value_the_settings_name():
+    template = (ROOT / "charts" / "optimodel" / "templates" / "deployment.yaml").read_text()
+    values = yaml.safe_load((ROOT / "charts" / "optimodel" / "values.yaml").read_text())
+    set_by_chart = set(re.findall(r"- name: (OPTIMODEL_[A-Z_]+)", template))
+    assert set_by_chart == set(chart_values())
+    for var, path in chart_values().items():
+        node = values
+        for part in path.split("."):
+            assert isinstance(node, dict) and part in node, f"{var}: values.yaml has no {path}"
+            node = node[part]
+
+
+def test_settings_never_read_the_process_environment_unless_asked(monkeypatch):
+    monkeypatch.setenv("OPTIMODEL_WORKERS", "3")
+    monkeypatch.setenv("KUBECONFIG", "/elsewhere")
+    assert (Settings().workers, Settings().kubeconfig) == (8, "")
+    assert Settings.from_env({}).workers == 8
+    import os
+    assert (Settings.from_env(os.environ).workers, Settings.from_env(os.environ).kubeconfig) == (3, "/elsewhere")
 
 
 def test_the_chart_sets_only_variables_the_operator_reads():
@@ -40,6 +69,8 @@ def test_every_setting_has_a_description_and_a_variable():
     ({"OPTIMODEL_BUILDER_TOLERATIONS": "{}"}, "OPTIMODEL_BUILDER_TOLERATIONS"),
     ({"OPTIMODEL_LOG_LEVEL": "loud"}, "OPTIMODEL_LOG_LEVEL"),
     ({"OPTIMODEL_STORE_URI": "file:///x"}, "OPTIMODEL_STORE_URI"),
+    ({"OPTIMODEL_ALLOW_FILE_URIS": "yes"}, "OPTIMODEL_ALLOW_FILE_URIS"),
+    ({"OPTIMODEL_NAMESPACES": "a,b", "OPTIMODEL_PEERING_PRIORITY": "high"}, "OPTIMODEL_PEERING_PRIORITY"),
 ])
 def test_a_bad_value_names_its_variable(env, variable):
     with pytest.raises(SettingsError, match=variable):
@@ -52,3 +83,8 @@ def test_values_from_the_environment():
     assert (s.log_level, s.peering_priority, s.liveness, s.build_retry_seconds) == \
         ("DEBUG", 7, "", 0.5)
     assert Settings.from_env({}).liveness == "http://0.0.0.0:8081/healthz"
+    # empty means the default everywhere else (the chart sets some variables to "")
+    assert Settings.from_env({"OPTIMODEL_BUILDER_TOOLCHAIN": "", "OPTIMODEL_WORKERS": ""}).workers == 8
+    s = Settings.from_env({"OPTIMODEL_NAMESPACES": "a, b,", "KUBECONFIG": "/k/config",
+                           "OPTIMODEL_BUILDER_TOOLCHAIN": '{"onnx": "1.17.0"}'})
+    assert (s.namespaces, s.kubeconfig, dict(s.toolchain)) == (("a", "b"), "/k/config", {"onnx": "1.17.0"})

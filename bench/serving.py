@@ -445,17 +445,60 @@ async def cpu_per_request(server: "ServerProcess", reqs: list[bytes], rate: floa
             "cpu_us_per_request": round((cpu1 - cpu0) / max(1, r.ok) * 1e6, 1), "p99_ms": r.summary()["p99_ms"]}
 
 
-async def overload(server: "ServerProcess", reqs: list[bytes], capacity: float, slo: float, duration: float) -> dict:
-    """10x capacity offered open loop: answered-within-SLO per second as a fraction of capacity."""
+def engine_stats(port: int) -> dict[str, float]:
+    """The server's own engine counters: compute seconds and samples, and engine calls, so far."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=60).text
+    want = ("optimodel_compute_seconds_sum", "optimodel_compute_seconds_count", "optimodel_batch_size_sum")
+    out = {}
+    for f in text_string_to_metric_families(text):
+        for s in f.samples:
+            if s.name in want:
+                out[s.name] = s.value
+            elif s.name == "optimodel_request_latency_seconds_bucket":
+                out[f"le {s.labels['le']}"] = s.value
+    return out
+
+
+def server_p99_ms(e0: dict, e1: dict) -> float | None:
+    """p99 of the answered requests as the server saw them (handler entry to response), bucket upper bound."""
+    buckets = sorted((float(k[3:]), e1[k] - e0.get(k, 0)) for k in e1 if k.startswith("le "))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    return next(round(le * 1000, 1) for le, n in buckets if n >= 0.99 * total)
+
+
+async def overload(server: "ServerProcess", reqs: list[bytes], capacity: float, slo: float, duration: float,
+                   ok_cpu_us: float | None = None) -> dict:
+    """10x capacity offered open loop: answered-within-SLO per second as a fraction of capacity.
+
+    Also what the overload cost the server: its CPU, the engine's busy share and batch time (from its
+    own metrics), and with ok_cpu_us (the CPU of one answered request, measured without overload) the
+    CPU of one 503 refusal: (server CPU - answered x ok_cpu_us) / refused.
+    """
     client = Client("127.0.0.1", server.port, max_connections=1000)
     await client.connect(256)
     server.wait_idle()
     offered = 10 * capacity
+    e0, cpu0, t0 = engine_stats(server.port), process_cpu_s(server.proc.pid), time.perf_counter()
     # latency from the real send: at 10x this client cannot keep the schedule (its ceiling is printed),
     # and its own lag would otherwise count against the server
     r = await open_loop(client, reqs, offered, duration, max_requests=int(offered * duration) + 1, grace_s=10.0,
                         from_send=True)
+    cpu1, wall = process_cpu_s(server.proc.pid), time.perf_counter() - t0
+    e1 = engine_stats(server.port)
     await client.close()
+    calls = e1.get("optimodel_compute_seconds_count", 0) - e0.get("optimodel_compute_seconds_count", 0)
+    compute = e1.get("optimodel_compute_seconds_sum", 0) - e0.get("optimodel_compute_seconds_sum", 0)
+    samples = e1.get("optimodel_batch_size_sum", 0) - e0.get("optimodel_batch_size_sum", 0)
+    cost = {"server_cpu_cores": round((cpu1 - cpu0) / wall, 2), "engine_busy_share": round(compute / wall, 2),
+            "engine_batch_ms": round(compute / max(1, calls) * 1000, 2),
+            "engine_samples_per_batch": round(samples / max(1, calls), 2), "server_p99_ms": server_p99_ms(e0, e1)}
+    if ok_cpu_us is not None and r.rejected:
+        cost["refusal_cpu_us"] = round(((cpu1 - cpu0) * 1e6 - r.ok * ok_cpu_us) / r.rejected, 1)
     lat = np.array(r.latencies_ms) if r.latencies_ms else np.array([float("inf")])
     within = int((lat <= slo).sum())
     window = max(duration, r.send_s)
@@ -466,7 +509,7 @@ async def overload(server: "ServerProcess", reqs: list[bytes], capacity: float, 
             "goodput_within_slo_per_s": round(within / window, 1),
             "goodput_fraction_of_capacity": round(within / window / capacity, 3) if capacity else 0.0,
             "p99_answered_ms": round(float(np.percentile(lat, 99)), 2),
-            "share_503": round(r.rejected / max(1, r.scheduled), 3)}
+            "share_503": round(r.rejected / max(1, r.scheduled), 3), **cost}
 
 
 async def overload_engine_bound(workdir: Path, data: list[dict], duration: float) -> dict:
@@ -500,7 +543,10 @@ async def overload_engine_bound(workdir: Path, data: list[dict], duration: float
         print(f"[mlp] engine-bound overload ({label}; batch 8 of the wide MLP {call_ms:.1f} ms, SLO {slo:g} ms, "
               f"capacity {capacity:.0f}/s) offered {fig['offered_per_s']:.0f}/s (sent {fig['sent_per_s']:.0f}/s): "
               f"answered within SLO {fig['goodput_within_slo_per_s']:.0f}/s = {fig['goodput_fraction_of_capacity']:.2f} "
-              f"of capacity, p99 of answered {fig['p99_answered_ms']} ms, 503 share {fig['share_503']}", flush=True)
+              f"of capacity, p99 of answered {fig['p99_answered_ms']} ms, 503 share {fig['share_503']}; engine busy "
+              f"{fig['engine_busy_share']:.2f}, {fig['engine_samples_per_batch']} samples/batch in "
+              f"{fig['engine_batch_ms']} ms; server CPU {fig['server_cpu_cores']} cores; p99 in the server "
+              f"{fig['server_p99_ms']} ms", flush=True)
     return out
 
 

@@ -188,7 +188,7 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
             return 503, protocol.error_body(state.warmup_error or "model is not ready (warming up)"), RETRY
         metrics.inflight.inc()
         try:
-            batcher.admit(deadline_s)  # before reading the body: a refusal under overload costs no parsing
+            batcher.admit(deadline_s, since=t0)  # before reading the body: a refusal costs no parsing
             body = await read_asgi_body(receive, headers.get(b"content-length"), max_body_bytes, body_timeout_s,
                                         body_reads)
             encoding = headers.get(b"content-encoding")
@@ -196,7 +196,7 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
                 body = protocol.decode_body(body, encoding.decode("latin-1"), max_body_bytes)
             req = protocol.parse_infer_request(body, headers.get(b"inference-header-content-length"), model_io,
                                                batcher.config.max_batch_size)
-            results = await batcher.submit(req.inputs, req.batch, deadline_s)
+            results = await batcher.submit(req.inputs, req.batch, deadline_s, since=t0)
             payload, header_length = protocol.encode_infer_response(name, req, results)
         except protocol.ProtocolError as exc:
             if exc.status == 413:

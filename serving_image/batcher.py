@@ -159,7 +159,7 @@ class Batcher:
         not the average, since the SLO is a p99."""
         return self.batch_seconds + 2.0 * self.batch_deviation
 
-    def admit(self, deadline: float | None, n: int = 1, since: float | None = None) -> None:
+    def admit(self, deadline: float | None, n: int = 1, since: float | None = None) -> int:
         """Raise Overloaded when a request of n samples, arrived at `since` (monotonic; now when None),
         could not be answered within deadline seconds of its arrival.
 
@@ -167,15 +167,17 @@ class Batcher:
         request runs no batch, so when one slow batch (a starved CPU) pushed the estimate past
         the deadline, refusing even those would refuse every request for good.
         Cheap enough to call before reading a body, so refusals cost no parsing.
+        Returns the number of batches ahead of it.
         """
+        ahead = self._batches_ahead(n)
         if deadline is not None and self.batch_seconds > 0:
-            ahead = self._batches_ahead(n)
             if ahead:
                 spent = 0.0 if since is None else time.monotonic() - since
                 finish = spent + (ahead + 1) * self.batch_tail_seconds + 2.0 * self.loop_lag
                 if finish > deadline:
                     raise Overloaded(f"overloaded: a request now would be answered in about {finish * 1000:.0f} ms, "
                                      f"past its deadline of {deadline * 1000:.0f} ms", retry_after=finish - deadline)
+        return ahead
 
     def _batches_ahead(self, n: int) -> int:
         """Batches that run before the one a request of n samples queued now would join."""
@@ -192,11 +194,13 @@ class Batcher:
             raise BatcherClosed("the server is shutting down")
         if len(self._queue) >= self.config.max_queue:
             raise QueueFull(f"queue full ({self.config.max_queue} requests waiting)")
-        self.admit(deadline, n, since)
+        ahead = self.admit(deadline, n, since)
         fut = self._loop.create_future()
         key = tuple(a.shape[1:] for a in inputs.values()) if len(inputs) > 1 else next(iter(inputs.values())).shape[1:]
         now = time.monotonic()
-        if deadline is None:
+        if deadline is None or not ahead:
+            # nothing ahead of it: it starts at the end of its window whatever it already spent (a loop
+            # slow to parse a burst must not make every request expire, leaving the engine idle)
             start_by = None
         else:
             # the latest start from which its own batch still ends within the deadline; never before

@@ -13,7 +13,6 @@ Usage: python bench/http_floor.py [--rate 2000] [--seconds 3] [--rounds 3] [--ki
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import socket

@@ -208,9 +208,15 @@ class Batcher:
             # when one batch takes longer than the deadline
             start_by = max((now if since is None else since) + deadline - self.batch_seconds,
                            now + self.config.max_wait_ms / 1000.0)
-        self._queue.append(_Item(inputs, n, key, fut, now, start_by))
-        self._queued_samples += n
-        if self._waiter is not None:
+        q = self._queue
+        q.append(_Item(inputs, n, key, fut, now, start_by))
+        before = self._queued_samples
+        self._queued_samples = before + n
+        # wake the loop only when this request changes what it waits for: a new head (its window
+        # starts), a batch that became full, or one closed by a request of another shape. Waking it
+        # for every request cost a future, a timer and a task step each (a few us of CPU per request)
+        if self._waiter is not None and (len(q) == 1 or before < self.config.max_batch_size <= before + n
+                                         or key != q[0].key):
             self._wake()
         return fut
 

@@ -26,7 +26,7 @@ The last line of output is one JSON object with every figure.
       The HTTP stack's own floor (do-nothing servers on uvicorn, granian, bare httptools) is
       bench/http_floor.py.
 
-Usage: python bench/serving.py [--quick] [--models mlp,digits,minilm] [--threads 1]
+Usage: python bench/serving.py [--quick] [--models mlp,digits,minilm] [--threads 1] [--torchserve]
 Loopback only; bounded by count and time (a few minutes in all).
 """
 
@@ -442,9 +442,10 @@ async def cpu_per_request(server: "ServerProcess", reqs: list[bytes], rate: floa
     client = client or Client("127.0.0.1", server.port)
     await client.connect(64)
     server.wait_idle()
-    cpu0 = process_cpu_s(server.proc.pid)
+    cpu_s = getattr(server, "cpu_s", None) or (lambda: process_cpu_s(server.proc.pid))
+    cpu0 = cpu_s()
     r = await open_loop(client, reqs, rate, duration, max_requests=int(rate * duration) + 1, grace_s=5.0)
-    cpu1 = process_cpu_s(server.proc.pid)
+    cpu1 = cpu_s()
     await client.close()
     return {"rate": rate, "ok": r.ok, "errors": r.errors, "rejected": r.rejected,
             "cpu_us_per_request": round((cpu1 - cpu0) / max(1, r.ok) * 1e6, 1), "p99_ms": r.summary()["p99_ms"]}
@@ -582,7 +583,31 @@ async def batch_ms(server: "ServerProcess") -> float:
     return vals["optimodel_compute_seconds_sum"] / max(1, vals["optimodel_compute_seconds_count"]) * 1000
 
 
-async def bench_mlp(workdir: Path, quick: bool) -> dict:
+async def bench_torchserve(workdir: Path, data: list[dict], slo: float, duration: float) -> dict:
+    """TorchServe 0.12 on the same ONNX MLP (its own venv): max rate at the SLO and CPU per request."""
+    from _torchserve import TorchServeProcess, available
+
+    why = available()
+    if why is not None:
+        print(f"[mlp] TorchServe not measured: {why}", flush=True)
+        return {"not_measured": why}
+    ts = TorchServeProcess(workdir / "mlp1024-src" / "model.onnx", workdir, MLP["max_batch"], MLP["max_wait_ms"])
+    try:
+        ts.wait_ready()
+        # TorchServe's own API: the raw FP32 input as the body, the logits as JSON
+        reqs = [http_request("127.0.0.1", ts.port, "/predictions/mlp", np.ascontiguousarray(d["x"]).tobytes())
+                for d in data]
+        fig = await max_rate(ts.port, reqs, slo, duration, 400, 1.2, "torchserve", ts)
+        fig["cpu_binary"] = await cpu_per_request(ts, reqs, MLP["cpu_rate"], duration)
+    finally:
+        ts.stop()
+    print(f"[mlp] TorchServe 0.12 (1 worker, ONNX Runtime 1 thread, batch {MLP['max_batch']}, delay "
+          f"{MLP['max_wait_ms']:g} ms): max rate within p99 {slo:g} ms {fig['max_rate_within_slo']:.0f}/s; CPU per "
+          f"request at {MLP['cpu_rate']:.0f}/s {fig['cpu_binary']['cpu_us_per_request']} us (JVM + worker)", flush=True)
+    return fig
+
+
+async def bench_mlp(workdir: Path, quick: bool, torchserve: bool = False) -> dict:
     """Issue 11's proof on the MLP: default threads vs others, CPU per request, overload, the client's ceiling."""
     from optimodel.cpu import cpu_quota
     from serving_image.backends import default_engine_threads
@@ -641,6 +666,9 @@ async def bench_mlp(workdir: Path, quick: bool) -> dict:
             server.stop()
         out["threads"]["default" if threads is None else str(threads)] = fig
 
+    if torchserve:
+        out["torchserve"] = await bench_torchserve(workdir, data, slo, duration)
+
     # overload: 10x the default's capacity, deadline = the SLO, and the default deadline beside it
     capacity = out["threads"]["default"]["max_rate_within_slo"]
     out["overload"] = {}
@@ -685,7 +713,9 @@ async def bench_mlp(workdir: Path, quick: bool) -> dict:
         "overload_engine_bound_goodput_ge_0.9": (
             out["overload_engine_bound"]["deadline_slo"]["goodput_fraction_of_capacity"] >= 0.9),
         "grpc_cpu_per_request_us": out["threads"]["default"]["cpu_grpc"]["cpu_us_per_request"],
-        "torchserve_1.5x": "not measured (quote CPU per request instead)",
+        "torchserve_1.5x": (rates["default"] >= 1.5 * out["torchserve"]["max_rate_within_slo"]
+                            if out.get("torchserve", {}).get("max_rate_within_slo")
+                            else "not measured (--torchserve; quote CPU per request instead)"),
     }
     out["loadgen_is_the_limit"] = bool(ceiling and max(rates.values()) >= 0.8 * ceiling)
     for k, v in out["targets"].items():
@@ -703,6 +733,8 @@ def main() -> None:
                    help="engine threads for the raw engine and the server alike (default 1: this box has 2 "
                         "shared cores, and the server's event loop and the load generator need one)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--torchserve", action="store_true",
+                   help="mlp: TorchServe 0.12 beside ours (needs build/ts-venv: make torchserve-venv, and Java 17)")
     args = p.parse_args()
     import resource
 
@@ -721,7 +753,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="optimodel-bench-") as tmp:
         for model in args.models.split(","):
             if model == "mlp":
-                figures[model] = asyncio.run(bench_mlp(Path(tmp), args.quick))
+                figures[model] = asyncio.run(bench_mlp(Path(tmp), args.quick, args.torchserve))
             else:
                 figures[model] = asyncio.run(bench_model(model, Path(tmp), args.threads, args.quick))
     figures["wall_s"] = round(time.monotonic() - t0, 1)

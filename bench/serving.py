@@ -517,6 +517,10 @@ async def overload(server: "ServerProcess", reqs: list[bytes], capacity: float, 
         cost["client_cpu_us_per_request"] = round(client_us, 1)
         if ok_cpu_us > refusal > 0:
             cost["ceiling_answered_per_s"] = round(max(0.0, (left - sent * refusal) / (ok_cpu_us - refusal)), 1)
+            # the highest offered rate at which the box could still answer `capacity` and refuse the rest
+            ncpu = len(os.sched_getaffinity(0)) * 1e6
+            cost["max_offered_at_full_goodput_per_s"] = round(
+                (ncpu - capacity * (ok_cpu_us - refusal)) / (client_us + refusal), 1)
     lat = np.array(r.latencies_ms) if r.latencies_ms else np.array([float("inf")])
     within = int((lat <= slo).sum())
     window = max(duration, r.send_s)
@@ -713,7 +717,11 @@ async def bench_mlp(workdir: Path, quick: bool, torchserve: bool = False) -> dic
         "overload_goodput_of_physical_ceiling": (
             round(out["overload"]["deadline_slo"]["goodput_fraction_of_capacity"]
                   / out["overload"]["deadline_slo"]["ceiling_fraction_of_capacity"], 2)
-            if out["overload"]["deadline_slo"].get("ceiling_fraction_of_capacity") else "not measured"),
+            if out["overload"]["deadline_slo"].get("ceiling_fraction_of_capacity")
+            else "ceiling 0: the client and refusing alone need more CPU than the box has" if
+            out["overload"]["deadline_slo"].get("ceiling_fraction_of_capacity") == 0 else "not measured"),
+        "overload_max_offered_at_full_goodput_per_s": out["overload"]["deadline_slo"].get(
+            "max_offered_at_full_goodput_per_s", "not measured"),
         "overload_engine_bound_goodput_ge_0.9": (
             out["overload_engine_bound"]["deadline_slo"]["goodput_fraction_of_capacity"] >= 0.9),
         "grpc_cpu_per_request_us": out["threads"]["default"]["cpu_grpc"]["cpu_us_per_request"],

@@ -238,18 +238,21 @@ class BodyDeadlines:
     """Uploads in progress and when each must have arrived; one sweeper task cuts the late ones.
 
     One dict entry per request instead of an asyncio.timeout (a timer armed and cancelled, a
-    context manager) per request: profiled, the timeout alone was ~5 us of each request's CPU.
-    A late upload is cut within a quarter of the timeout (at most 1 s) past its deadline.
+    context manager) per request: timed alone, 0.2 us against 8 us. A late upload is cut within
+    a quarter of the timeout (at most 1 s) past its deadline. timeout_s None: no deadline.
     """
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float | None):
         self.timeout_s = timeout_s
         self.reading: dict[asyncio.Task, float] = {}
         self.cut: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
-        self._interval = min(1.0, max(0.02, timeout_s / 4))
+        self._interval = min(1.0, max(0.02, timeout_s / 4)) if timeout_s is not None else None
 
     def start(self, task: asyncio.Task) -> None:
+        if self.timeout_s is None:  # still registered: the drain cuts it
+            self.reading[task] = math.inf
+            return
         self.reading[task] = time.monotonic() + self.timeout_s
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="body-deadlines")
@@ -265,7 +268,7 @@ class BodyDeadlines:
 
     def cut_late(self, now: float) -> None:
         for task, deadline in list(self.reading.items()):
-            if deadline <= now and task not in self.cut:
+            if (deadline <= now or now == math.inf) and task not in self.cut:
                 self.cut.add(task)
                 task.cancel()
 
@@ -303,8 +306,8 @@ async def read_asgi_body(receive, content_length: bytes | None, limit: int,
         return await _receive_body(receive, limit)
     except asyncio.CancelledError:
         if deadlines.finish(task):
-            raise protocol.ProtocolError(f"the request body did not arrive within {deadlines.timeout_s:g} s", 408,
-                                         "body_timeout") from None
+            within = "before the server stopped" if deadlines.timeout_s is None else f"within {deadlines.timeout_s:g} s"
+            raise protocol.ProtocolError(f"the request body did not arrive {within}", 408, "body_timeout") from None
         raise
     finally:
         deadlines.finish(task)

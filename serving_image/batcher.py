@@ -262,7 +262,8 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(Overloaded("overloaded: the request could not start within its deadline",
                                                      retry_after=self.estimated_finish()))
-            # counted as rejected by whoever awaits the future (REST and gRPC alike), not here: once
+            # counted in optimodel_rejected_total by whoever awaits the future (REST and gRPC alike),
+            # not here as well: each refusal counts once
 
     async def _loop_forever(self) -> None:
         while True:

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
 
-.PHONY: setup prometheus demo test test-fast bench crd grpc-stubs clean images clean-images lint-images
+.PHONY: setup prometheus demo test test-fast bench crd grpc-stubs clean images clean-images lint-images torchserve-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ bench: setup
 	$(PY) bench/builder.py
 	$(PY) bench/serving.py
 	$(PY) bench/operator.py
+
+# TorchServe 0.12 for `bench/serving.py --models mlp --torchserve`, in a venv of its own (it pins its own
+# dependencies); a .pth lends it this project's numpy and ONNX Runtime for the bench's handler. Needs Java 17.
+TS_VENV := build/ts-venv
+torchserve-venv: setup
+	test -x $(TS_VENV)/bin/python || $(PYTHON) -m venv $(TS_VENV)
+	$(TS_VENV)/bin/python -m pip --disable-pip-version-check -q install torchserve==0.12.0 torch-model-archiver==0.12.0
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > "$$($(TS_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/optimodel-venv.pth"
 
 # The CPU images (operator, builder, serving) with buildah/podman, no Docker engine; podman's
 # store is build/images. REGISTRY=ghcr.io/me also tags <REGISTRY>/<name>:<version> and pushes.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -33,6 +34,8 @@ DEFAULT_DEADLINE_MS = 2000.0
 # what the drain leaves for answering accepted requests and closing: the batcher's own
 # close (queued requests run) and backend shutdown happen after uvicorn's graceful stop
 CLOSE_MARGIN_S = 2.0
+# objects allocated less freed before a young collection (CPython's default 700)
+GC_THRESHOLD0 = 20_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,6 +87,20 @@ def graceful_timeout(args: argparse.Namespace) -> float:
     return max(0.5, args.grace_seconds - args.drain_seconds - CLOSE_MARGIN_S)
 
 
+def quiet_gc() -> None:
+    """Keep the cyclic GC off the hot path once the server is warm.
+
+    Profiled at 2,000 req/s: about a tenth of the event loop's CPU went to gc_collect_main,
+    mostly full collections walking the ~10^5 long-lived objects the imports (ONNX Runtime,
+    numpy, FastAPI, pydantic, grpc) leave behind. freeze() parks those where no collection
+    looks; a larger first threshold makes young collections rarer (requests free their objects
+    by reference counting: the cyclic collector finds almost nothing on this path).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD0, 20, 100)
+
+
 def _artifact_uri(value: str) -> str:
     return value if "://" in value else Path(value).resolve().as_uri()
 
@@ -114,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model_name or manifest.model_name
 
     def on_ready() -> None:
+        quiet_gc()
         log.info("serving %s on http://%s:%d%s", name, args.host, args.port,
                  f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port else "")
 

@@ -68,7 +68,7 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
     batcher = Batcher(backend.run, config.for_arch(arch), engine_max_batch=backend.max_batch_size, metrics=metrics)
     model_io = protocol.ModelIO(name, manifest.inputs, manifest.outputs, allow_non_finite=allow_non_finite)
     state = ServerState()
-    body_reads: set[asyncio.Timeout] = set()  # uploads in progress, cut short when the server stops
+    body_reads = BodyDeadlines(body_timeout_s)  # uploads in progress, cut short when the server stops
     watcher = ConfigWatcher(config_path, lambda c: batcher.update_config(c.for_arch(arch)), current=config,
                             interval=watch_interval) if config_path else None
 
@@ -120,6 +120,7 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
                 # RPCs already in the batcher are answered (the batcher is still running); new ones refused
                 await grpc_face.stop(grpc_grace_s)
             await batcher.close()  # every accepted request is answered before exit
+            body_reads.stop()
             backend.close()
 
     app = FastAPI(title="optimodel serving", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -188,15 +189,14 @@ def create_app(backend: Backend, manifest: Manifest, config: BatchingConfig, *,
             return 503, protocol.error_body(state.warmup_error or "model is not ready (warming up)"), RETRY
         metrics.inflight.inc()
         try:
-            batcher.admit(deadline_s)  # before reading the body: a refusal under overload costs no parsing
-            body = await read_asgi_body(receive, headers.get(b"content-length"), max_body_bytes, body_timeout_s,
-                                        body_reads)
+            batcher.admit(deadline_s, since=t0)  # before reading the body: a refusal costs no parsing
+            body = await read_asgi_body(receive, headers.get(b"content-length"), max_body_bytes, body_reads)
             encoding = headers.get(b"content-encoding")
             if encoding:
                 body = protocol.decode_body(body, encoding.decode("latin-1"), max_body_bytes)
             req = protocol.parse_infer_request(body, headers.get(b"inference-header-content-length"), model_io,
                                                batcher.config.max_batch_size)
-            results = await batcher.submit(req.inputs, req.batch, deadline_s)
+            results = await batcher.submit(req.inputs, req.batch, deadline_s, since=t0)
             payload, header_length = protocol.encode_infer_response(name, req, results)
         except protocol.ProtocolError as exc:
             if exc.status == 413:
@@ -234,11 +234,63 @@ def retry_headers(seconds: float) -> list:
     return [(b"content-type", b"application/json"), (b"retry-after", str(max(1, math.ceil(seconds))).encode())]
 
 
-async def read_asgi_body(receive, content_length: bytes | None, limit: int, timeout_s: float | None = None,
-                         in_progress: set | None = None) -> bytes:
+class BodyDeadlines:
+    """Uploads in progress and when each must have arrived; one sweeper task cuts the late ones.
+
+    One dict entry per request instead of an asyncio.timeout (a timer armed and cancelled, a
+    context manager) per request: timed alone, 0.2 us against 8 us. A late upload is cut within
+    a quarter of the timeout (at most 1 s) past its deadline. timeout_s None: no deadline.
+    """
+
+    def __init__(self, timeout_s: float | None):
+        self.timeout_s = timeout_s
+        self.reading: dict[asyncio.Task, float] = {}
+        self.cut: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
+        self._interval = min(1.0, max(0.02, timeout_s / 4)) if timeout_s is not None else None
+
+    def start(self, task: asyncio.Task) -> None:
+        if self.timeout_s is None:  # still registered: the drain cuts it
+            self.reading[task] = math.inf
+            return
+        self.reading[task] = time.monotonic() + self.timeout_s
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="body-deadlines")
+
+    def finish(self, task: asyncio.Task) -> bool:
+        """Forget the task; True when it was cut (its CancelledError is the timeout's, not a real cancel)."""
+        self.reading.pop(task, None)
+        if task in self.cut:
+            self.cut.discard(task)
+            task.uncancel()
+            return True
+        return False
+
+    def cut_late(self, now: float) -> None:
+        for task, deadline in list(self.reading.items()):
+            if (deadline <= now or now == math.inf) and task not in self.cut:
+                self.cut.add(task)
+                task.cancel()
+
+    def cut_all(self) -> None:
+        self.cut_late(math.inf)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.cut_late(time.monotonic())
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+
+async def read_asgi_body(receive, content_length: bytes | None, limit: int,
+                         deadlines: BodyDeadlines | None = None) -> bytes:
     """The request body, refused with 413 past `limit` bytes without reading all of it,
-    and with 408 when it has not all arrived within timeout_s (or the server stops first:
-    its timeout is then moved to now through `in_progress`)."""
+    and with 408 when it has not all arrived within deadlines.timeout_s (or the server stops
+    first: deadlines.cut_all())."""
     if content_length is not None:
         if not content_length.isdigit():
             raise protocol.ProtocolError("Content-Length is not an integer")
@@ -246,18 +298,19 @@ async def read_asgi_body(receive, content_length: bytes | None, limit: int, time
         if declared > limit:
             raise protocol.ProtocolError(f"request body of {declared} bytes exceeds the limit of {limit} bytes",
                                          413, "body_too_large")
+    if deadlines is None:
+        return await _receive_body(receive, limit)
+    task = asyncio.current_task()
+    deadlines.start(task)
     try:
-        async with asyncio.timeout(timeout_s) as timeout:
-            if in_progress is None:
-                return await _receive_body(receive, limit)
-            in_progress.add(timeout)
-            try:
-                return await _receive_body(receive, limit)
-            finally:
-                in_progress.discard(timeout)
-    except TimeoutError:
-        raise protocol.ProtocolError(f"the request body did not arrive within {timeout_s:g} s", 408,
-                                     "body_timeout") from None
+        return await _receive_body(receive, limit)
+    except asyncio.CancelledError:
+        if deadlines.finish(task):
+            within = "before the server stopped" if deadlines.timeout_s is None else f"within {deadlines.timeout_s:g} s"
+            raise protocol.ProtocolError(f"the request body did not arrive {within}", 408, "body_timeout") from None
+        raise
+    finally:
+        deadlines.finish(task)
 
 
 async def _receive_body(receive, limit: int) -> bytes:
@@ -284,7 +337,7 @@ class InferFastPath:
     CPU-bound pod that CPU is taken from the engine.
     """
 
-    def __init__(self, app: FastAPI, infer, body_reads: set):
+    def __init__(self, app: FastAPI, infer, body_reads: BodyDeadlines):
         self.app = app
         self.state = app.state
         self._infer = infer
@@ -293,8 +346,7 @@ class InferFastPath:
     def cut_body_reads(self) -> None:
         """Answer every upload still in progress 408 now (call in the loop when the listener closes):
         a client stalled mid-body must not hold the drain open."""
-        for timeout in list(self._body_reads):
-            timeout.reschedule(0)
+        self._body_reads.cut_all()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":

@@ -179,9 +179,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return grpc.StatusCode.UNAVAILABLE, "model is not ready", 1.0
         m.inflight.inc()
         try:
-            self.batcher.admit(self.deadline_s)
+            self.batcher.admit(self.deadline_s, since=t0)
             req = parse_grpc_request(request, self.model_io, self.batcher.config.max_batch_size)
-            results = await self.batcher.submit(req.inputs, req.batch, self.deadline_s)
+            results = await self.batcher.submit(req.inputs, req.batch, self.deadline_s, since=t0)
             resp = encode_grpc_response(self.name, self.version, req, results)
         except protocol.ProtocolError as exc:
             (m.rejected if exc.status == 413 else m.error)(exc.reason)

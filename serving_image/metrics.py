@@ -11,12 +11,23 @@ test process. Names are what the tuner's PromQL reads; keep them stable:
   optimodel_rejected_total{reason}    counter: queue_full, deadline, body_too_large, not_ready, shutting_down
   optimodel_errors_total{reason}      counter: bad_request, engine, body_timeout, non_finite_output, ...
   optimodel_max_wait_ms, optimodel_max_batch_size   gauges of the config in force
+
+The per-request ones (the histograms, inflight) are plain counters the event loop bumps
+without locks and a collector turns into the exposition at scrape time: prometheus_client's
+Histogram.observe takes a lock and walks the buckets in Python, and two of them plus two gauge
+updates per request were a measurable share of the server's CPU per request. Only the event
+loop thread may touch them (the HTTP and gRPC handlers and the batcher's completions all run
+there).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 
 def latency_buckets() -> list[float]:
@@ -45,37 +56,94 @@ def batch_buckets() -> list[float]:
     return sorted(set(out))
 
 
+class LoopHistogram:
+    """A histogram for one thread: observe() is one bisect and two additions, no lock."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: list[float]):
+        self.bounds = sorted(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # buckets are "<= le"
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for le, n in zip([*map(floatToGoString, self.bounds), "+Inf"], self.counts):
+            total += n
+            out.append((le, total))
+        return out
+
+
+class LoopGauge:
+    """A gauge for one thread: a plain number."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0.0
+
+    def inc(self, n: float = 1) -> None:
+        self.value += n
+
+    def dec(self, n: float = 1) -> None:
+        self.value -= n
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+class _LoopCollector:
+    """Exposes the loop-side histograms and gauges of one ServerMetrics under their stable names."""
+
+    def __init__(self, metrics: "ServerMetrics"):
+        self.m = metrics
+
+    def collect(self):
+        m, labels = self.m, list(self.m._key)
+        for name, doc, hist in m._histograms:
+            family = HistogramMetricFamily(name, doc, labels=["model", "arch"])
+            family.add_metric(labels, hist.cumulative(), hist.sum)
+            yield family
+        for name, doc, gauge in m._gauges:
+            family = GaugeMetricFamily(name, doc, labels=["model", "arch"])
+            family.add_metric(labels, gauge.value)
+            yield family
+
+
 class ServerMetrics:
     def __init__(self, model: str, arch: str, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         labels = ("model", "arch")
         lat = latency_buckets()
         r = self.registry
-        self._latency = Histogram("optimodel_request_latency_seconds", "Infer request latency in the server",
-                                  labels, buckets=lat, registry=r)
-        self._queue = Histogram("optimodel_queue_wait_seconds", "Time a request waited for its batch to start",
-                                labels, buckets=lat, registry=r)
-        self._compute = Histogram("optimodel_compute_seconds", "Engine time of one batch",
-                                  labels, buckets=lat, registry=r)
-        self._batch = Histogram("optimodel_batch_size", "Samples per engine call", labels,
-                                buckets=batch_buckets(), registry=r)
-        self._inflight = Gauge("optimodel_inflight_requests", "Infer requests accepted and not yet answered",
-                               labels, registry=r)
         self._rejected = Counter("optimodel_rejected_total", "Requests refused without running them",
                                  labels + ("reason",), registry=r)
         self._errors = Counter("optimodel_errors_total", "Requests that failed", labels + ("reason",), registry=r)
         self._max_wait = Gauge("optimodel_max_wait_ms", "Batching window in force", labels, registry=r)
         self._max_batch = Gauge("optimodel_max_batch_size", "Largest batch in force", labels, registry=r)
-        # children resolved once: .labels() on every request is a dict lookup plus a lock
         key = (model, arch)
-        self.latency = self._latency.labels(*key)
-        self.queue_wait = self._queue.labels(*key)
-        self.compute = self._compute.labels(*key)
-        self.batch_size = self._batch.labels(*key)
-        self.inflight = self._inflight.labels(*key)
+        self.latency = LoopHistogram(lat)
+        self.queue_wait = LoopHistogram(lat)
+        self.compute = LoopHistogram(lat)
+        self.batch_size = LoopHistogram(batch_buckets())
+        self.inflight = LoopGauge()
+        self._histograms = [
+            ("optimodel_request_latency_seconds", "Infer request latency in the server", self.latency),
+            ("optimodel_queue_wait_seconds", "Time a request waited for its batch to start", self.queue_wait),
+            ("optimodel_compute_seconds", "Engine time of one batch", self.compute),
+            ("optimodel_batch_size", "Samples per engine call", self.batch_size),
+        ]
+        self._gauges = [("optimodel_inflight_requests", "Infer requests accepted and not yet answered",
+                         self.inflight)]
+        # children resolved once: .labels() on every request is a dict lookup plus a lock
         self.max_wait_ms = self._max_wait.labels(*key)
         self.max_batch_size = self._max_batch.labels(*key)
         self._key = key
+        r.register(_LoopCollector(self))
         self._rejected_children: dict[str, Counter] = {}
         self._error_children: dict[str, Counter] = {}
         for reason in ("queue_full", "deadline", "body_too_large", "not_ready"):

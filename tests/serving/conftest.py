@@ -6,9 +6,13 @@ server tests must not depend on the builder.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +134,47 @@ def serve(digits_artifact, tmp_path):
     yield start
     for srv in started:
         srv.__exit__(None, None, None)
+
+
+class SlowBackend:
+    """A real engine plus a fixed delay per call: a known capacity to overload."""
+
+    def __init__(self, inner, delay: float = 0.02):
+        self.inner, self.delay = inner, delay
+        for attr in ("platform", "arch", "max_batch_size", "inputs", "outputs"):
+            setattr(self, attr, getattr(inner, attr))
+
+    def run(self, feeds):
+        time.sleep(self.delay)
+        return self.inner.run(feeds)
+
+    def close(self):
+        self.inner.close()
+
+
+@contextlib.contextmanager
+def app_server(artifact: Path, config: BatchingConfig, *, grpc: bool = False, wrap_backend=None, **kwargs):
+    """A real uvicorn (and, with grpc=True, gRPC) server in this process over the artifact's ONNX Runtime
+    engine (one thread); `srv.grpc` is its gRPC address. wrap_backend(backend) may slow or gate the engine."""
+    from serving_image.app import create_app
+    from serving_image.backends import load_backend
+
+    local, manifest = open_artifact(artifact.as_uri())
+    backend = load_backend(local, manifest, threads=1)
+    if wrap_backend is not None:
+        backend = wrap_backend(backend)
+    grpc_port = free_port() if grpc else None
+    app = create_app(backend, manifest, config, grpc_port=grpc_port, **kwargs)
+    with ThreadedServer(app) as srv:
+        srv.grpc = f"127.0.0.1:{grpc_port}" if grpc else None
+        yield srv
+
+
+def start_server_process(artifact: Path, config: Path, port: int, *extra: str, log=None) -> subprocess.Popen:
+    """`python -m serving_image` as a pod runs it (one engine thread). log: a file for its output, else a
+    text pipe; a file for long runs, since a full pipe nobody reads would block the server's logging."""
+    cmd = [sys.executable, "-m", "serving_image", "--artifact", str(artifact), "--config", str(config),
+           "--port", str(port), "--threads", "1", *extra]
+    if log is not None:
+        return subprocess.Popen(cmd, cwd=ROOT_DIR, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=ROOT_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

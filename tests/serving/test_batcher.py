@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from optimodel.batching import BatchingConfig
-from serving_image.batcher import Batcher, BatcherClosed, EngineError, QueueFull
+from serving_image.batcher import Batcher, BatcherClosed, EngineError, Overloaded, QueueFull
 
 
 class FakeEngine:
@@ -186,3 +186,60 @@ async def test_close_answers_everything_queued_then_refuses():
     assert sum(engine.batches) == 5
     with pytest.raises(BatcherClosed):
         b.submit(req(1), 1)
+
+
+async def test_admission_counts_the_requests_own_batch_its_time_spent_and_the_tail():
+    """Deadline = arrival to answer: with 2 batches ahead at 20 ms (+ deviation), its own batch makes it late."""
+    engine = FakeEngine()
+    engine.gate.clear()  # the engine holds its first batch: what is queued stays queued
+    b = await started(engine, cfg(0, 4))
+    b.batch_seconds, b.batch_deviation = 0.020, 0.0
+    b.admit(0.001)  # nothing running, nothing queued: always admitted, whatever the estimate
+    running = b.submit(req(4), 4)
+    await asyncio.sleep(0.05)  # dispatched to the (gated) engine
+    queued = b.submit(req(4), 4, deadline=1.0)
+    # 2 batches ahead (running + queued) and its own: 60 ms
+    b.admit(0.061)
+    with pytest.raises(Overloaded):
+        b.admit(0.059)
+    # time already spent before admission counts
+    with pytest.raises(Overloaded):
+        b.admit(0.061, since=time.monotonic() - 0.005)
+    # the tail, not the mean: a deviation of 5 ms per batch adds 10 ms to each of the 3
+    b.batch_deviation = 0.005
+    with pytest.raises(Overloaded):
+        b.admit(0.075)
+    b.admit(0.091)
+    engine.gate.set()
+    await asyncio.gather(running, queued)
+    await b.close()
+
+
+async def test_queued_request_that_can_no_longer_finish_in_time_is_failed_not_run():
+    engine = FakeEngine(delay=0.1)
+    b = Batcher(engine, cfg(0, 1), engine_max_batch=64, max_staged=0)  # no staging: it waits in the queue
+    await b.start()
+    b.batch_seconds = 0.01  # the estimate at admission: 2 batches of 10 ms fit in 60 ms
+    first = b.submit(req(1), 1)  # really runs 100 ms
+    late = b.submit(req(1), 1, deadline=0.06)  # admitted; must start within 50 ms to end by 60 ms
+    await first
+    with pytest.raises(Overloaded):
+        await late
+    assert engine.batches == [1], "the late request must not reach the engine"
+    await b.close()
+
+
+async def test_staged_request_past_its_latest_start_is_failed_not_run():
+    """A full batch staged behind a running one starts only when that ends: too late is not run."""
+    engine = FakeEngine(delay=0.1)
+    b = await started(engine, cfg(0, 1))  # maxBatchSize 1: every request is a full batch, staged at once
+    b.batch_seconds = 0.01
+    first = b.submit(req(1), 1)  # really runs 100 ms
+    await asyncio.sleep(0.01)  # dispatched
+    staged = b.submit(req(1), 1, deadline=0.06)  # staged behind it; must start within 50 ms
+    await first
+    with pytest.raises(Overloaded):
+        await staged
+    assert engine.batches == [1], "the late request must not reach the engine"
+    assert (await b.submit(req(1), 1, deadline=5.0))["y"].shape == (1, 3)  # and the batcher keeps serving
+    await b.close()

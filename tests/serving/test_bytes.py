@@ -15,14 +15,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from optimodel.artifact import EngineInfo, Manifest, open_artifact, publish
+from optimodel.artifact import EngineInfo, Manifest, publish
 from optimodel.batching import BatchingConfig
 from optimodel.spec import TensorSpec
 from serving_image import protocol
-from serving_image.app import create_app
-from serving_image.backends import load_backend
 
-from .conftest import ThreadedServer, free_port
+from .conftest import app_server
 
 TEXTS = ["héllo wörld", "12345", "", "x" * 300, "日本語 42", "007"]
 
@@ -55,13 +53,8 @@ def server(tmp_path_factory):
                                  TensorSpec(name="is_number", dtype="bool", shape=[-1, 1])],
                         max_batch_size=16, versions={"onnxruntime": ort.__version__}, files=[])
     publish(src, manifest, (root / "store").as_uri())
-    local, manifest = open_artifact((root / "store").as_uri())
     # a 40 ms window: concurrent requests share an engine call
-    grpc_port = free_port()
-    app = create_app(load_backend(local, manifest, threads=1), manifest,
-                     BatchingConfig(max_wait_ms=40, max_batch_size=16), grpc_port=grpc_port)
-    with ThreadedServer(app) as srv:
-        srv.grpc = f"127.0.0.1:{grpc_port}"
+    with app_server(root / "store", BatchingConfig(max_wait_ms=40, max_batch_size=16), grpc=True) as srv:
         yield srv
 
 

@@ -12,22 +12,14 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from optimodel.artifact import open_artifact
 from optimodel.batching import BatchingConfig
-from serving_image.app import create_app
-from serving_image.backends import load_backend
 
-from .conftest import MODEL, ThreadedServer, free_port, sample
+from .conftest import MODEL, app_server, free_port, sample
 
 
 @pytest.fixture(scope="module")
 def server(digits_artifact):
-    local, manifest = open_artifact(digits_artifact.as_uri())
-    grpc_port = free_port()
-    app = create_app(load_backend(local, manifest, threads=1), manifest,
-                     BatchingConfig(max_wait_ms=20, max_batch_size=32), grpc_port=grpc_port)
-    with ThreadedServer(app) as srv:
-        srv.grpc = f"127.0.0.1:{grpc_port}"
+    with app_server(digits_artifact, BatchingConfig(max_wait_ms=20, max_batch_size=32), grpc=True) as srv:
         yield srv
 
 
@@ -119,20 +111,17 @@ def test_non_finite_input_is_refused_and_outputs_travel_raw(client):
 def test_sigterm_turns_grpc_health_not_serving_then_exits(digits_artifact, tmp_path):
     """The process: gRPC health SERVING once warm, NOT_SERVING from SIGTERM (inside the drain), exit 0."""
     import signal
-    import subprocess
-    import sys
 
     from optimodel.batching import write_batching_config
 
-    from .conftest import ROOT_DIR, wait_ready
+    from .conftest import start_server_process, wait_ready
 
     config = tmp_path / "batching.json"
     write_batching_config(config, BatchingConfig(max_wait_ms=1, max_batch_size=32))
     port, grpc_port = free_port(), free_port()
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "serving_image", "--artifact", str(digits_artifact), "--config",
-                             str(config), "--port", str(port), "--grpc-port", str(grpc_port), "--threads", "1",
-                             "--drain-seconds", "3"], cwd=ROOT_DIR, stdout=log, stderr=subprocess.STDOUT)
+    proc = start_server_process(digits_artifact, config, port, "--grpc-port", str(grpc_port), "--drain-seconds", "3",
+                                log=log)
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc=proc)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:

@@ -11,20 +11,15 @@ import asyncio
 import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import numpy as np
 import pytest
 
-from optimodel.artifact import open_artifact
 from optimodel.batching import BatchingConfig, write_batching_config
-from serving_image.app import create_app
-from serving_image.backends import load_backend
 
-from .conftest import MODEL, ROOT_DIR, ThreadedServer, free_port, sample, wait_ready
+from .conftest import MODEL, SlowBackend, app_server, free_port, sample, start_server_process, wait_ready
 
 INFER = f"/v2/models/{MODEL}/infer"
 GOOD = {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}
@@ -36,10 +31,7 @@ def _req(*inputs, **extra) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(digits_artifact):
-    local, manifest = open_artifact(digits_artifact.as_uri())
-    app = create_app(load_backend(local, manifest, threads=1), manifest,
-                     BatchingConfig(max_wait_ms=1, max_batch_size=32), body_timeout_s=0.5)
-    with ThreadedServer(app) as srv:
+    with app_server(digits_artifact, BatchingConfig(max_wait_ms=1, max_batch_size=32), body_timeout_s=0.5) as srv:
         yield srv
 
 
@@ -160,11 +152,8 @@ def test_sigterm_drain_finishes_within_grace_whatever_clients_do(digits_artifact
     write_batching_config(config, BatchingConfig(max_wait_ms=1, max_batch_size=32))
     port = free_port()
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "serving_image", "--artifact", str(digits_artifact),
-                             "--config", str(config), "--port", str(port), "--threads", "1",
-                             "--body-timeout-seconds", "600", "--grace-seconds", "3"],
-                            # a file, not a pipe nobody reads: a full pipe would block the server's logging
-                            cwd=ROOT_DIR, stdout=log, stderr=subprocess.STDOUT)
+    proc = start_server_process(digits_artifact, config, port, "--body-timeout-seconds", "600",
+                                "--grace-seconds", "3", log=log)
     socks = []
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc=proc)
@@ -193,29 +182,11 @@ def test_sigterm_drain_finishes_within_grace_whatever_clients_do(digits_artifact
             proc.kill()
 
 
-class SlowBackend:
-    """The real digits engine plus a fixed 20 ms per call: a known capacity to overload."""
-
-    def __init__(self, inner, delay: float = 0.02):
-        self.inner, self.delay = inner, delay
-        for attr in ("platform", "arch", "max_batch_size", "inputs", "outputs"):
-            setattr(self, attr, getattr(inner, attr))
-
-    def run(self, feeds):
-        time.sleep(self.delay)
-        return self.inner.run(feeds)
-
-    def close(self):
-        self.inner.close()
-
-
 async def test_overload_is_refused_by_time_at_once(digits_artifact):
     """A burst far past what 100 ms can serve: the excess gets 503 + Retry-After, the rest is served."""
-    local, manifest = open_artifact(digits_artifact.as_uri())
     # 20 ms per batch of 4: about 5 batches (20 requests) fit in the 100 ms deadline
-    app = create_app(SlowBackend(load_backend(local, manifest, threads=1)), manifest,
-                     BatchingConfig(max_wait_ms=0, max_batch_size=4, max_queue=1024), deadline_s=0.1)
-    with ThreadedServer(app) as srv:
+    with app_server(digits_artifact, BatchingConfig(max_wait_ms=0, max_batch_size=4, max_queue=1024),
+                    wrap_backend=SlowBackend, deadline_s=0.1) as srv:
         async with httpx.AsyncClient(base_url=srv.url, limits=httpx.Limits(max_connections=200),
                                      timeout=30) as client:
             answers = await asyncio.gather(*(client.post(INFER, content=_req(GOOD)) for _ in range(200)))

@@ -16,13 +16,10 @@ import numpy as np
 
 from optimodel.batching import BatchingConfig, write_batching_config
 
-from .conftest import MODEL, ROOT_DIR, free_port, sample, wait_ready
+from .conftest import MODEL, ROOT_DIR, free_port, sample, start_server_process, wait_ready
 
 
-def _start(artifact, config, port, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "serving_image", "--artifact", str(artifact), "--config", str(config),
-           "--port", str(port), "--threads", "1", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+_start = start_server_process
 
 
 def test_tampered_artifact_is_refused(digits_artifact, tmp_path):

@@ -4,40 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import numpy as np
 
-from optimodel.artifact import open_artifact
 from optimodel.batching import BatchingConfig
-from serving_image.app import create_app
-from serving_image.backends import load_backend
 
-from .conftest import MODEL, ThreadedServer, sample
-
-
-class SlowBackend:
-    """The real digits engine plus 20 ms per call, so a burst really overflows the queue."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        for attr in ("platform", "arch", "max_batch_size", "inputs", "outputs"):
-            setattr(self, attr, getattr(inner, attr))
-
-    def run(self, feeds):
-        time.sleep(0.02)
-        return self.inner.run(feeds)
-
-    def close(self):
-        self.inner.close()
+from .conftest import MODEL, SlowBackend, app_server, sample
 
 
 async def test_burst_past_the_queue_gets_503_and_no_crash(digits_artifact, digits_images, reference):
-    local, manifest = open_artifact(digits_artifact.as_uri())
     config = BatchingConfig(max_wait_ms=0, max_batch_size=4, max_queue=8)
-    app = create_app(SlowBackend(load_backend(local, manifest, threads=1)), manifest, config)
-    with ThreadedServer(app) as srv:
+    with app_server(digits_artifact, config, wrap_backend=SlowBackend) as srv:
         x = digits_images[:1]
         body = json.dumps({"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32",
                                        "data": x.ravel().tolist()}]})

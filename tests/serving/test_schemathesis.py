@@ -14,10 +14,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from optimodel.artifact import open_artifact
 from optimodel.batching import BatchingConfig
 
-from .conftest import ThreadedServer
+from .conftest import app_server
 
 DOC = Path(__file__).parent / "data" / "oip_rest.yaml"
 schema = schemathesis.openapi.from_path(DOC)
@@ -25,13 +24,7 @@ schema = schemathesis.openapi.from_path(DOC)
 
 @pytest.fixture(scope="module")
 def server(digits_artifact):
-    from serving_image.app import create_app
-    from serving_image.backends import load_backend
-
-    local, manifest = open_artifact(digits_artifact.as_uri())
-    app = create_app(load_backend(local, manifest, threads=1), manifest,
-                     BatchingConfig(max_wait_ms=0, max_batch_size=32), max_body_bytes=200_000)
-    with ThreadedServer(app) as srv:
+    with app_server(digits_artifact, BatchingConfig(max_wait_ms=0, max_batch_size=32), max_body_bytes=200_000) as srv:
         yield srv
 
 

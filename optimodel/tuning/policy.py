@@ -221,8 +221,9 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
     target = slo * (1 - settings.headroom)
     # after a refusal the measured p99 is censored: no shorter window until the quiet intervals have passed
     allowed = [w for w in preds if floor is None or w >= min(floor, current)]
+    when = "in this interval" if not state.quiet else f"{state.quiet} interval(s) ago"
     held = "" if floor is None or floor <= min(preds) else \
-        f" (not below {floor:g} ms: the server refused requests {state.quiet or 0} interval(s) ago)"
+        f" (not below {floor:g} ms: the server refused requests {when})"
     feasible = [w for w in allowed if p99[w] <= target]
     if not feasible:
         best = min(allowed, key=lambda w: (round(p99[w], 1), -w))

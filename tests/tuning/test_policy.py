@@ -197,3 +197,17 @@ def test_after_refusals_stop_the_window_shortens_again_once_quiet_intervals_pass
     assert windows[:settings.quiet_intervals - 1] == [40.0] * (settings.quiet_intervals - 1), windows
     assert all("refused" in m for m in messages[:settings.quiet_intervals - 1]), messages
     assert windows[-1] < 40.0 and state.refused_window_ms is None, windows
+
+
+def test_refusals_coming_back_right_after_the_floor_lifts_double_the_quiet_wait():
+    quiet_obs, refusing = observe(50, 40.0), replace(observe(50, 40.0), reject_rps=20.0)
+    state = policy.TunerState(window_ms=40.0)
+    floors = []
+    # refuse, 3 quiet (the floor lifts), refuse again at once, then quiet
+    for obs in [refusing] + [quiet_obs] * 3 + [refusing] + [quiet_obs] * 6:
+        state = policy.decide(replace(state, window_ms=40.0), obs, GPU_LIKE, BOUNDS).state
+        floors.append(state.refused_window_ms)
+    n = policy.PolicySettings().quiet_intervals
+    assert floors[n] is None and state.relapses == 1, floors        # lifted after n quiet intervals
+    assert floors[n + 1:n + 1 + 2 * n] == [40.0] * (2 * n), floors  # then held twice as long
+    assert floors[-1] is None, floors

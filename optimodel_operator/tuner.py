@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 from optimodel import storage
@@ -78,8 +78,7 @@ def plan_pass(spec: OptimizedModelSpec, archs: list[str], windows: dict[str, flo
     results = []
     for arch in archs:
         state = states.get(arch) or policy.TunerState(window_ms=windows[arch])
-        state = policy.TunerState(window_ms=windows[arch], engine_scale=state.engine_scale,
-                                  offset_ms=state.offset_ms, decisions=state.decisions, changes=state.changes)
+        state = replace(state, window_ms=windows[arch])  # the ConfigMap's window; calibration carried over
         try:
             obs = observe(arch)
         except ObservationError as exc:

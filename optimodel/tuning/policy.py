@@ -10,12 +10,21 @@
    windows (model.predict): that separates latency the window adds (waiting) from
    latency the backlog adds (queueing). Goodput = rate × share answered within the SLO.
 5. Arrivals at or above what the engine serves with full batches: queueing, not
-   waiting. The window moves only where the replay predicts more goodput (where waiting
-   buys batch size, and so capacity, cutting it would lower goodput; where batches are
-   full anyway it changes nothing), and the reason says to add replicas (Overloaded).
+   waiting. The window moves only where the replay, at the rate the pod can take (the
+   server refuses the rest by deadline), predicts a clear gain (where waiting buys batch
+   size, and so capacity, cutting it would lower goodput; where batches are full anyway
+   it changes nothing), and the reason says to add replicas (Overloaded).
 6. Otherwise the window with the highest predicted goodput whose p99 keeps a headroom
    under the SLO; among equals the lowest p99, and among those the shortest window. It
    moves only on a breach or a real gain (hysteresis), so the ConfigMap is written rarely.
+
+Refusals (503s, deadline admission) censor the measurement: the server turns away exactly
+the requests that would have been late, so the p99 of what it answered is low while it
+refuses, and the engine time it reports swings with a starved CPU. Read naively that
+alternates "shorten, p99 is fine" with "lengthen, p99 is over", interval after interval.
+So while it refuses, the window never shortens; after a refusal it shortens below the
+window in force then only once `quiet_intervals` intervals in a row passed without one
+(each relapse doubles that wait), and under overload it moves only for twice the usual gain.
 """
 
 from __future__ import annotations
@@ -73,6 +82,8 @@ class PolicySettings:
     min_p99_gain: float = 0.10   # … or a p99 lower by ≥ 10 % of the SLO
     smoothing: float = 0.5       # weight of the newest calibration figures
     model_requests: int = 2000   # Poisson arrivals per replayed window
+    reject_share: float = 0.01   # refusals above this share of arrivals mean the server is refusing
+    quiet_intervals: int = 3     # intervals without refusals before the window may shorten again
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,9 @@ class TunerState:
     offset_ms: float = 0.0
     decisions: int = 0
     changes: int = 0
+    refused_window_ms: float | None = None  # the window in force at the last refusal (shortening floor)
+    quiet: int | None = None                  # intervals without refusals since the last (None: never)
+    relapses: int = 0                         # refusals again soon after the floor was lifted
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,9 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
     # 2 % steps of scale and rate: the replay is cached, and the same figures come back interval after interval
     engine = profile.scaled(_quantize(scale))
     rate = _quantize(max(obs.arrival_rps, obs.answered_rps))
+    rejecting = obs.reject_rps > settings.reject_share * max(rate, 1e-9)
+    state = _remember_refusals(state, current, rejecting, settings)
+    floor = state.refused_window_ms  # no shorter window than this while it is set
 
     # 3. the engine alone cannot meet the SLO
     alone = engine.ms(1)
@@ -180,11 +197,16 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
 
     # 5. overload: queueing, not waiting
     capacity = engine.capacity_rps(bounds.max_batch_size)
-    rejecting = obs.reject_rps > 0.01 * max(rate, 1e-9)
     if rate >= 0.98 * capacity or (rejecting and breach):
-        # the replay says whether a window buys capacity here; move only for a real predicted gain
-        top = max(goodput.values())
-        best = current if goodput[current] >= top * (1 - settings.min_gain) else max(preds, key=lambda w: goodput[w])
+        # the replay says whether a window buys capacity here, replayed at what the pod can take (the server
+        # refuses the rest by deadline; an unbounded replay queue past capacity is noise); move only for twice
+        # the usual gain, and never to a shorter window while it refuses
+        served = min(rate, 0.95 * capacity)
+        served_goodput = {w: served * predict(engine, served, w, bounds.max_batch_size, slo - offset,
+                                              requests=settings.model_requests).under_slo for w in preds}
+        allowed = [w for w in preds if floor is None or w >= min(floor, current)]
+        cand = max(allowed, key=lambda w: (served_goodput[w], -w))
+        best = cand if served_goodput[cand] >= served_goodput[current] * (1 + 2 * settings.min_gain) else current
         queue = f", queue wait p99 {obs.queue_p99_ms} ms" if obs.queue_p99_ms else ""
         if rate >= 0.98 * capacity:
             why = (f"arrivals reach the {capacity:.0f} req/s one pod serves with full batches of "
@@ -197,17 +219,22 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
 
     # 6. the best window under the SLO with headroom; move only for a real gain or on a breach
     target = slo * (1 - settings.headroom)
-    feasible = [w for w in preds if p99[w] <= target]
+    # after a refusal the measured p99 is censored: no shorter window until the quiet intervals have passed
+    allowed = [w for w in preds if floor is None or w >= min(floor, current)]
+    when = "in this interval" if not state.quiet else f"{state.quiet} interval(s) ago"
+    held = "" if floor is None or floor <= min(preds) else \
+        f" (not below {floor:g} ms: the server refused requests {when})"
+    feasible = [w for w in allowed if p99[w] <= target]
     if not feasible:
-        best = min(preds, key=lambda w: (round(p99[w], 1), -w))
+        best = min(allowed, key=lambda w: (round(p99[w], 1), -w))
         if breach and best != current and p99[best] < p99[current] - 0.5:
             return _done(state, current, best, TUNING,
                          f"{figures}: no window keeps p99 under {target:.0f} ms at this rate; "
                          f"moving to the lowest predicted p99 ({p99[best]:.1f} ms)", p99[best])
         reason = SLO_UNREACHABLE if breach else CONVERGED
         return _done(state, current, current, reason,
-                     f"{figures}: no window is predicted to keep p99 under {target:.0f} ms at this rate; holding",
-                     p99[current])
+                     f"{figures}: no window is predicted to keep p99 under {target:.0f} ms at this rate; "
+                     f"holding{held}", p99[current])
     top = max(goodput[w] for w in feasible)
     near = [w for w in feasible if goodput[w] >= top * (1 - settings.min_gain / 2)]
     low = min(p99[w] for w in near)
@@ -218,10 +245,29 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
     move = (breach or p99[current] > target or gain >= settings.min_gain
             or p99_gain >= settings.min_p99_gain * slo)
     if not move or abs(best - current) < 0.5:
-        return _done(state, current, current, CONVERGED, f"{figures}: holding", p99[current])
+        return _done(state, current, current, CONVERGED, f"{figures}: holding{held}", p99[current])
     why = "p99 over the SLO" if breach else (f"{gain:+.0%} goodput predicted" if gain >= settings.min_gain
                                             else f"p99 {p99[current]:.1f} → {p99[best]:.1f} ms predicted")
     return _done(state, current, best, TUNING, f"{figures}: {why}", p99[best])
+
+
+def _remember_refusals(state: TunerState, current: float, rejecting: bool, settings: PolicySettings) -> TunerState:
+    """Keep the shortening floor: set at a refusal, lifted after enough quiet intervals (doubling per relapse)."""
+    def needed(relapses: int) -> int:
+        return settings.quiet_intervals * 2 ** min(relapses, 3)
+
+    if rejecting:
+        relapses = state.relapses
+        if state.quiet is not None and state.refused_window_ms is None:
+            # refusing again soon after the floor was lifted: wait longer next time; after a long calm, start over
+            relapses = relapses + 1 if state.quiet < 2 * needed(relapses) else 0
+        floor = max(current, state.refused_window_ms or current)
+        return replace(state, refused_window_ms=floor, quiet=0, relapses=relapses)
+    if state.quiet is None:
+        return state
+    quiet = state.quiet + 1
+    floor = state.refused_window_ms if quiet < needed(state.relapses) else None
+    return replace(state, refused_window_ms=floor, quiet=quiet)
 
 
 def _quantize(x: float, step: float = 1.02) -> float:

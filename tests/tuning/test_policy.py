@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -149,3 +150,64 @@ def test_common_slos_are_bucket_bounds_and_resolution_is_fine_around_them():
     for lo, hi in zip(BUCKETS_MS, BUCKETS_MS[1:]):
         if 20 <= lo < 1000:
             assert (hi - lo) / lo <= 0.075, (lo, hi)
+
+
+CPU_LIKE = EngineProfile.affine(0.7, 0.13, 32)
+
+
+def refusing_then_late(i: int, window: float, rate: float = 3000.0) -> Observation:
+    """The pattern a starved CPU showed while the server refused by deadline (503s): in one interval it refuses
+    40 % and answers the rest fast (the late ones were turned away), its engine five times slower than the
+    profile; in the next it refuses nothing, its engine back to speed, and p99 is far over the SLO."""
+    if i % 2 == 0:
+        return Observation(seconds=10, samples=int(rate * 6), arrival_rps=rate, p99_ms=Interval(5, 6), under_slo=1.0,
+                           mean_batch=3, queue_p99_ms=Interval(3, 4), engine_ms=5 * CPU_LIKE.ms(3),
+                           reject_rps=0.4 * rate, window_ms=window)
+    return Observation(seconds=10, samples=int(rate * 10), arrival_rps=rate, p99_ms=Interval(120, 130),
+                       under_slo=0.95, mean_batch=6, queue_p99_ms=Interval(84, 90), engine_ms=CPU_LIKE.ms(6),
+                       reject_rps=0.0, window_ms=window)
+
+
+@pytest.mark.parametrize("rate", [1500.0, 3000.0])
+def test_refusals_alternating_with_late_answers_do_not_make_the_window_flap(rate):
+    bounds = policy.Bounds(slo_ms=50.0, min_wait_ms=0.0, max_wait_ms=100.0, max_batch_size=32)
+    state, windows = policy.TunerState(window_ms=0.5), [0.5]
+    for i in range(16):
+        d = policy.decide(state, refusing_then_late(i, windows[-1], rate), CPU_LIKE, bounds)
+        state = d.state
+        windows.append(d.window_ms)
+    moves = [b - a for a, b in zip(windows, windows[1:]) if a != b]
+    assert len(moves) <= 3, windows
+    # no back and forth: while it keeps refusing every other interval the window never shortens
+    assert all(m > 0 for m in moves), windows
+
+
+def test_after_refusals_stop_the_window_shortens_again_once_quiet_intervals_passed():
+    refusing = replace(observe(50, 40.0), reject_rps=20.0)
+    d = policy.decide(policy.TunerState(window_ms=40.0), refusing, GPU_LIKE, BOUNDS)
+    assert d.window_ms == 40.0 and d.state.refused_window_ms == 40.0
+    state, windows, messages = d.state, [], []
+    for i in range(5):
+        d = policy.decide(state, observe(50, 40.0 if not windows else windows[-1], seed=i), GPU_LIKE, BOUNDS)
+        state = d.state
+        windows.append(d.window_ms)
+        messages.append(d.message)
+    settings = policy.PolicySettings()
+    # held for the quiet intervals (and says why), then the wasteful window goes
+    assert windows[:settings.quiet_intervals - 1] == [40.0] * (settings.quiet_intervals - 1), windows
+    assert all("refused" in m for m in messages[:settings.quiet_intervals - 1]), messages
+    assert windows[-1] < 40.0 and state.refused_window_ms is None, windows
+
+
+def test_refusals_coming_back_right_after_the_floor_lifts_double_the_quiet_wait():
+    quiet_obs, refusing = observe(50, 40.0), replace(observe(50, 40.0), reject_rps=20.0)
+    state = policy.TunerState(window_ms=40.0)
+    floors = []
+    # refuse, 3 quiet (the floor lifts), refuse again at once, then quiet
+    for obs in [refusing] + [quiet_obs] * 3 + [refusing] + [quiet_obs] * 6:
+        state = policy.decide(replace(state, window_ms=40.0), obs, GPU_LIKE, BOUNDS).state
+        floors.append(state.refused_window_ms)
+    n = policy.PolicySettings().quiet_intervals
+    assert floors[n] is None and state.relapses == 1, floors        # lifted after n quiet intervals
+    assert floors[n + 1:n + 1 + 2 * n] == [40.0] * (2 * n), floors  # then held twice as long
+    assert floors[-1] is None, floors

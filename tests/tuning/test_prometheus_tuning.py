@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,8 +12,8 @@ from optimodel.batching import load_batching_config
 from optimodel.tuning.observation import ObservationError
 from optimodel.tuning.prometheus import PrometheusSource, Selector
 from tests.tuning.loadgen import OpenLoop, infer_body
+from tests.tuning.optimodel_run import SLO, START, OptimodelRun, upper
 from tests.tuning.prometheus_server import Prometheus, free_port
-from tests.tuning.test_local_tuning import LINE, ROOT, SLO, START, tuned_manifest, upper  # noqa: F401 (fixture)
 
 
 @pytest.mark.slow
@@ -25,51 +21,38 @@ def test_run_tunes_from_a_real_prometheus(tuned_manifest, tmp_path):
     port = free_port()
     prom = Prometheus(tmp_path / "prom", [f"127.0.0.1:{port}"], namespace="default").start()
     store = tmp_path / "store"
-    proc = subprocess.Popen([sys.executable, "-m", "optimodel", "run", str(tuned_manifest), "--store", str(store),
-                             "--port", str(port), "--tune-interval", "3", "--prometheus", prom.url],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if line.startswith("Serving "):
-                ready.set()
-    threading.Thread(target=read, daemon=True).start()
     try:
-        assert ready.wait(240), "no endpoint"
-        prom.wait_for_series('optimodel_request_latency_seconds_count{namespace="default",model="digits-cnn"}')
-        image = np.load(tmp_path / "build" / "digits_test.npz")["image"][:1]
-        url = f"http://127.0.0.1:{port}/v2/models/digits-cnn/infer"
-        source = PrometheusSource(prom.url)
-        with OpenLoop(url, infer_body("image", image), rate=200):
-            time.sleep(5)
-            # the PromQL itself, against what Prometheus scraped
-            obs = source.observe(Selector("default", "digits-cnn", "cpu"), 4, SLO)
-            assert obs.samples > 200 and 100 < obs.arrival_rps < 300, obs
-            assert obs.p99_ms is not None and obs.p99_ms.lo < obs.p99_ms.hi and obs.mean_batch >= 1
-            assert obs.engine_ms > 0 and obs.window_ms is not None and obs.queue_p99_ms is not None
-            deadline = time.monotonic() + 120  # early exit; long only when a busy CPU keeps p99 up
-            while time.monotonic() < deadline:
-                decisions = [m for m in map(LINE.search, lines) if m]
-                if any(m["arrow"] == "→" for m in decisions) and decisions[-1]["reason"] == "Converged" \
-                        and upper(decisions[-1]["p99"]) <= SLO:
-                    break
-                time.sleep(0.5)
-        with pytest.raises(ObservationError) as missing:
-            source.observe(Selector("default", "no-such-model", "cpu"), 4, SLO)
-        assert missing.value.reason == "MetricsMissing"
+        with OptimodelRun(tuned_manifest, store, port, "--tune-interval", "3", "--prometheus", prom.url) as run:
+            run.wait_ready()
+            prom.wait_for_series('optimodel_request_latency_seconds_count{namespace="default",model="digits-cnn"}')
+            image = np.load(tmp_path / "build" / "digits_test.npz")["image"][:1]
+            url = f"http://127.0.0.1:{port}/v2/models/digits-cnn/infer"
+            source = PrometheusSource(prom.url)
+            with OpenLoop(url, infer_body("image", image), rate=200):
+                time.sleep(5)
+                # the PromQL itself, against what Prometheus scraped
+                obs = source.observe(Selector("default", "digits-cnn", "cpu"), 4, SLO)
+                assert obs.samples > 200 and 100 < obs.arrival_rps < 300, obs
+                assert obs.p99_ms is not None and obs.p99_ms.lo < obs.p99_ms.hi and obs.mean_batch >= 1
+                assert obs.engine_ms > 0 and obs.window_ms is not None and obs.queue_p99_ms is not None
+                deadline = time.monotonic() + 120  # early exit; long only when a busy CPU keeps p99 up
+                while time.monotonic() < deadline:
+                    decisions = run.decisions()
+                    if any(m["arrow"] == "→" for m in decisions) and decisions[-1]["reason"] == "Converged" \
+                            and upper(decisions[-1]["p99"]) <= SLO:
+                        break
+                    time.sleep(0.5)
+            with pytest.raises(ObservationError) as missing:
+                source.observe(Selector("default", "no-such-model", "cpu"), 4, SLO)
+            assert missing.value.reason == "MetricsMissing"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
         prom.stop()
-    decisions = [m for m in map(LINE.search, lines) if m]
-    assert decisions, "\n".join(lines)
+    decisions = run.decisions()
+    assert decisions, run.output
     moves = [m for m in decisions if m["arrow"] == "→"]
-    assert moves and float(moves[0]["old"]) == START and float(moves[0]["new"]) < START, "\n".join(lines)
+    assert moves and float(moves[0]["old"]) == START and float(moves[0]["new"]) < START, run.output
     after = decisions[decisions.index(moves[0]) + 1:]
-    assert any(m["reason"] == "Converged" and upper(m["p99"]) <= SLO for m in after), "\n".join(lines)
+    assert any(m["reason"] == "Converged" and upper(m["p99"]) <= SLO for m in after), run.output
     assert load_batching_config(store / "default" / "digits-cnn" / "batching.json").max_wait_ms == \
         float(decisions[-1]["new"])
 

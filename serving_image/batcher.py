@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -83,7 +84,11 @@ class Batcher:
         self.engine_max_batch = engine_max_batch
         self._metrics = metrics
         self._queue: deque[_Item] = deque()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # one engine thread fed by a SimpleQueue, not a ThreadPoolExecutor: the executor's submit (a
+        # concurrent Future with its condition, a work item, an idle semaphore) was 1.4 % of the event
+        # loop's samples at 2,000 req/s; a put here is one C lock release
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._running = 0  # batches handed to the engine thread and not completed
         self._max_in_engine = 1 + max_staged
         self._waiter: asyncio.Future | None = None
@@ -129,6 +134,8 @@ class Batcher:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._thread = threading.Thread(target=self._engine_thread, name="engine_0", daemon=True)
+        self._thread.start()
         self._task = asyncio.create_task(self._loop_forever(), name="batcher")
 
     async def close(self) -> None:
@@ -139,11 +146,42 @@ class Batcher:
             await self._task
         if self._idle is not None:
             await self._idle.wait()
-        self._executor.shutdown(wait=True)
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _engine_thread(self) -> None:
+        """Run jobs (fn, args, done) in order; done(result, exception) is called in this thread."""
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, args, done = job
+            try:
+                result, exc = fn(*args), None
+            except BaseException as err:  # handed to the loop, which fails the batch's requests
+                result, exc = None, err
+            try:
+                done(result, exc)
+            except RuntimeError as err:  # the loop closed under us (a test tearing down): nobody waits
+                log.warning("engine result dropped: %s", err)
+            del job, fn, args, done, result, exc
 
     async def run_in_engine(self, fn, *args):
         """Run fn in the engine thread (warm-up: CUDA/TensorRT state then lives where it is used)."""
-        return await self._loop.run_in_executor(self._executor, fn, *args)
+        loop = self._loop
+        fut = loop.create_future()
+
+        def settle(result, exc):
+            if not fut.done():
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(result)
+
+        self._jobs.put((fn, args, lambda result, exc: loop.call_soon_threadsafe(settle, result, exc)))
+        return await fut
 
     # ---- requests ------------------------------------------------------------------
 
@@ -293,8 +331,9 @@ class Batcher:
         self._running += 1
         self._idle.clear()
         self.batches += 1
-        cf = self._executor.submit(self._execute, items)
-        cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._complete, items, samples, f))
+        loop, complete = self._loop, self._complete
+        self._jobs.put((self._execute, (items,),
+                        lambda result, exc: loop.call_soon_threadsafe(complete, items, samples, result, exc)))
 
     def _execute(self, items: list[_Item]):
         """In the engine thread: concatenate once, run, split back into per-request views.
@@ -323,12 +362,11 @@ class Batcher:
             offset += it.n
         return t0, t1, parts, late
 
-    def _complete(self, items: list[_Item], samples: int, cf) -> None:
+    def _complete(self, items: list[_Item], samples: int, result, exc: BaseException | None) -> None:
         self._running -= 1
         if self._running == 0:
             self._idle.set()
         self._wake()
-        exc = cf.exception()
         if exc is not None:
             log.error("engine failed on a batch of %d: %s", samples, exc)
             err = EngineError(f"engine failed: {exc}")
@@ -338,7 +376,7 @@ class Batcher:
             if self._metrics is not None:
                 self._metrics.error("engine", len(items))
             return
-        t0, t1, parts, late = cf.result()
+        t0, t1, parts, late = result
         for it in late:
             if not it.future.done():
                 it.future.set_exception(Overloaded("overloaded: the request could not start within its deadline",

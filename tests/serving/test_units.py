@@ -102,3 +102,39 @@ async def test_body_deadlines_answer_a_stalled_read_408_and_the_drain_cuts_reads
     with pytest.raises(ProtocolError) as exc:
         await task
     assert exc.value.status == 408 and "before the server stopped" in str(exc.value)
+
+
+VEC = protocol.ModelIO("vec", [TensorSpec(name="x", dtype="float32", shape=[-1, 3])],
+                       [TensorSpec(name="y", dtype="float32", shape=[-1, 3])])
+BYTE = protocol.ModelIO("byte", [TensorSpec(name="x", dtype="uint8", shape=[-1, 3])],
+                        [TensorSpec(name="y", dtype="float32", shape=[-1, 3])])
+
+
+def _vec(data, datatype="FP32", **extra) -> bytes:
+    return json.dumps({"inputs": [{"name": "x", "shape": [1, 3], "datatype": datatype, "data": data}],
+                       **extra}).encode()
+
+
+def test_fast_and_careful_json_conversion_agree():
+    """A body with no r or l takes the one-pass array conversion; an id with both forces the careful
+    path: the same numbers must come out of both, ints accepted for FP32."""
+    data = [0.1, -2, 3.4028234663852886e38]
+    fast = protocol.parse_infer_request(_vec(data), None, VEC, 4).inputs["x"]
+    careful = protocol.parse_infer_request(_vec(data, id="rl"), None, VEC, 4).inputs["x"]
+    assert fast.dtype == careful.dtype == np.float32 and fast.shape == careful.shape == (1, 3)
+    np.testing.assert_array_equal(fast, careful)
+    np.testing.assert_array_equal(fast, np.array([data], np.float32))
+
+
+@pytest.mark.parametrize("model,body,message", [
+    (VEC, _vec(["1.5", 2, 3]), "FP32 data must hold numbers only, got str values"),
+    (VEC, _vec([True, 2, 3]), "FP32 data must hold numbers only, got bool values"),
+    (VEC, _vec([1e39, 2, 3]), "contains NaN or Inf"),
+    (BYTE, _vec([300, 2, 3], "UINT8"), "data cannot be read as UINT8"),
+    (BYTE, _vec([-1, 2, 3], "UINT8"), "data cannot be read as UINT8"),
+])
+def test_json_data_refused_on_the_fast_path(model, body, message):
+    assert b"r" not in body.replace(b"true", b"") and b"l" not in body  # the fast path is the one tried
+    with pytest.raises(protocol.ProtocolError) as err:
+        protocol.parse_infer_request(body, None, model, 4)
+    assert message in str(err.value) and err.value.status == 400

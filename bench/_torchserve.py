@@ -13,10 +13,11 @@ import json
 import os
 import signal
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from _proc import free_port, tree_cpu_s
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / "build" / "ts-venv"
@@ -31,33 +32,11 @@ def available() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tree_cpu_s(pid: int) -> float:
-    """utime + stime of pid and its descendants alive now (the frontend's JVM and its Python worker)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
-
-
 class TorchServeProcess:
     """The ServerProcess interface bench/serving.py's max_rate and cpu_per_request use."""
 
     def __init__(self, onnx: Path, workdir: Path, max_batch: int, max_wait_ms: float, threads: int = 1):
-        self.port, mport, metrics_port = _free_port(), _free_port(), _free_port()
+        self.port, mport, metrics_port = free_port(), free_port(), free_port()
         store = workdir / "ts-store"
         store.mkdir(parents=True, exist_ok=True)
         subprocess.run([str(VENV / "bin" / "torch-model-archiver"), "--model-name", "mlp", "--version", "1.0",

@@ -29,30 +29,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _loadgen import Client, open_loop  # noqa: E402
+from _proc import free_port, tree_cpu_s  # noqa: E402
 
 KINDS = ("uvicorn", "granian-asgi", "granian-rsgi", "httptools", "optimodel")
-
-
-def tree_cpu_s(pid: int) -> float:
-    """utime + stime of pid and every descendant alive now (granian runs its worker as a child)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _proc import cpu_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "operator"))
 
@@ -45,10 +47,7 @@ def rss_mib(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 
 def operator_requests(emu: Emulator) -> int:

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _loadgen import Client, closed_loop_latencies, concurrent_closed_loop, http_request, open_loop  # noqa: E402
+from _proc import cpu_seconds, free_port  # noqa: E402
 
 from optimodel.artifact import EngineInfo, Manifest, open_artifact, publish  # noqa: E402
 from optimodel.batching import BatchingConfig, write_batching_config  # noqa: E402
@@ -147,9 +148,7 @@ def engine_throughput(backend, data: list[dict], batch: int, seconds: float) -> 
     return best, batch / best * 1000, cpu_ms
 
 
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 
 class ServerProcess:
@@ -201,14 +200,6 @@ class ServerProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def set_config(path: Path, **kw) -> None:
@@ -271,9 +262,9 @@ async def bench_model(model: str, workdir: Path, threads: int, quick: bool) -> d
         grace = max(5.0, 2 * slo / 1000)
         for rate in rates:
             server.wait_idle()  # a level must not inherit the previous level's queue
-            before, cpu0 = server.batch_stats(), process_cpu_s(server.proc.pid)
+            before, cpu0 = server.batch_stats(), cpu_seconds(server.proc.pid)
             r = await open_loop(client, reqs, rate, duration, max_requests=int(rate * duration) + 1, grace_s=grace)
-            after, cpu1 = server.batch_stats(), process_cpu_s(server.proc.pid)
+            after, cpu1 = server.batch_stats(), cpu_seconds(server.proc.pid)
             fill = (after[0] - before[0]) / max(1.0, after[1] - before[1])
             # the whole server process (event loop + engine) per answered sample: robust to other
             # tenants' load, unlike wall-clock throughput (clock ticks are 10 ms: long runs only)
@@ -442,7 +433,7 @@ async def cpu_per_request(server: "ServerProcess", reqs: list[bytes], rate: floa
     client = client or Client("127.0.0.1", server.port)
     await client.connect(64)
     server.wait_idle()
-    cpu_s = getattr(server, "cpu_s", None) or (lambda: process_cpu_s(server.proc.pid))
+    cpu_s = getattr(server, "cpu_s", None) or (lambda: cpu_seconds(server.proc.pid))
     cpu0 = cpu_s()
     r = await open_loop(client, reqs, rate, duration, max_requests=int(rate * duration) + 1, grace_s=5.0)
     cpu1 = cpu_s()
@@ -489,13 +480,13 @@ async def overload(server: "ServerProcess", reqs: list[bytes], capacity: float, 
     await client.connect(256)
     server.wait_idle()
     offered = 10 * capacity
-    e0, cpu0, t0 = engine_stats(server.port), process_cpu_s(server.proc.pid), time.perf_counter()
+    e0, cpu0, t0 = engine_stats(server.port), cpu_seconds(server.proc.pid), time.perf_counter()
     client0 = time.process_time()  # this process is the load generator
     # latency from the real send: at 10x this client cannot keep the schedule (its ceiling is printed),
     # and its own lag would otherwise count against the server
     r = await open_loop(client, reqs, offered, duration, max_requests=int(offered * duration) + 1, grace_s=10.0,
                         from_send=True)
-    cpu1, wall, client1 = process_cpu_s(server.proc.pid), time.perf_counter() - t0, time.process_time()
+    cpu1, wall, client1 = cpu_seconds(server.proc.pid), time.perf_counter() - t0, time.process_time()
     e1 = engine_stats(server.port)
     await client.close()
     calls = e1.get("optimodel_compute_seconds_count", 0) - e0.get("optimodel_compute_seconds_count", 0)

@@ -25,6 +25,8 @@ alternates "shorten, p99 is fine" with "lengthen, p99 is over", interval after i
 So while it refuses, the window never shortens; after a refusal it shortens below the
 window in force then only once `quiet_intervals` intervals in a row passed without one
 (each relapse doubles that wait), and under overload it moves only for twice the usual gain.
+Except where the window itself is the cause: a window that, with one engine run, already
+reaches the SLO makes the server refuse what it would answer late, and it must shorten.
 """
 
 from __future__ import annotations
@@ -152,7 +154,10 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
     engine = profile.scaled(_quantize(scale))
     rate = _quantize(max(obs.arrival_rps, obs.answered_rps))
     rejecting = obs.reject_rps > settings.reject_share * max(rate, 1e-9)
-    state = _remember_refusals(state, current, rejecting, settings)
+    # a request that waits out this window and then runs alone is already past the SLO: the window itself is
+    # what the server refuses for, not overload, and a shorter window is the cure, not something to guard against
+    window_refuses = current + engine.ms(1) >= slo
+    state = _remember_refusals(state, current, rejecting and not window_refuses, settings)
     floor = state.refused_window_ms  # no shorter window than this while it is set
 
     # 3. the engine alone cannot meet the SLO
@@ -197,7 +202,7 @@ def decide(state: TunerState, obs: Observation, profile: EngineProfile | None, b
 
     # 5. overload: queueing, not waiting
     capacity = engine.capacity_rps(bounds.max_batch_size)
-    if rate >= 0.98 * capacity or (rejecting and breach):
+    if rate >= 0.98 * capacity or (rejecting and breach and not window_refuses):
         # the replay says whether a window buys capacity here, replayed at what the pod can take (the server
         # refuses the rest by deadline; an unbounded replay queue past capacity is noise); move only for twice
         # the usual gain, and never to a shorter window while it refuses

@@ -211,3 +211,14 @@ def test_refusals_coming_back_right_after_the_floor_lifts_double_the_quiet_wait(
     assert floors[n] is None and state.relapses == 1, floors        # lifted after n quiet intervals
     assert floors[n + 1:n + 1 + 2 * n] == [40.0] * (2 * n), floors  # then held twice as long
     assert floors[-1] is None, floors
+
+
+def test_refusals_caused_by_a_window_past_the_slo_shorten_it():
+    # what `optimodel run` showed with a start window of 80 ms against a 50 ms SLO at 250 req/s: the server
+    # refuses what the window makes late, p99 sits at the window; that is waiting, not overload
+    obs = Observation(seconds=2, samples=500, arrival_rps=250, p99_ms=Interval(90, 95), under_slo=0.2,
+                      mean_batch=20.0, queue_p99_ms=Interval(80, 85), engine_ms=CPU_LIKE.ms(20),
+                      reject_rps=15.0, window_ms=80.0)
+    d = policy.decide(policy.TunerState(window_ms=80.0), obs, CPU_LIKE, BOUNDS)
+    assert d.reason == policy.TUNING and d.window_ms < 50.0, (d.reason, d.window_ms, d.message)
+    assert d.state.refused_window_ms is None  # no floor that would hold the window up afterwards

@@ -71,6 +71,16 @@ class Controller:
         for key in list(self.indexes["om_index"].keys()):
             self.scheduler.trigger(key)
 
+    def forget(self, namespace: str, name: str, uid: str) -> None:
+        """The model was deleted (its children go with it by ownerReferences): drop what was kept for it."""
+        key = (namespace, name)
+        self.scheduler.forget(key)
+        self.memory.forget(key, uid)
+        self.seen_generation.pop(uid, None)
+        lock = self._model_locks.get(key)
+        if lock is not None and not lock.locked():
+            del self._model_locks[key]
+
     async def exclusive(self, key: Key, fn: Callable[..., Any], *args) -> Any:
         """Run fn in a worker thread while no other work on this model runs (reconcile or tuner)."""
         lock = self._model_locks.setdefault(key, asyncio.Lock())

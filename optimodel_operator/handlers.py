@@ -116,7 +116,10 @@ async def batching_index(namespace, labels, body, **_):
 async def model_changed(type, namespace, name, meta, memo, **_):
     ctrl: Controller = memo.ctrl
     ctrl.indexed = True
-    if type == "DELETED" or meta.get("deletionTimestamp"):
+    if type == "DELETED":
+        ctrl.forget(namespace, name, meta.get("uid", ""))
+        return
+    if meta.get("deletionTimestamp"):
         return
     # status-only writes (our own, the tuner's) keep the generation: nothing to decide; a new
     # rebuild annotation value does not bump it either but asks for a retry

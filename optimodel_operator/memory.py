@@ -95,6 +95,19 @@ class Memory:
         mine = self.written("ConfigMap", key).get(render.batching_name(key[1]))
         return seen if mine is None else mine["data"][render.BATCHING_FILE]
 
+    def forget(self, key: Key, uid: str) -> None:
+        """The model is gone: what was kept for it would otherwise stay for the life of the process."""
+        with self._lock:
+            self._status.pop(uid, None)
+            self._tuned.pop(uid, None)
+            self._refused.pop(key, None)
+            self._written.pop(key, None)
+
+    def holds(self, key: Key, uid: str) -> bool:
+        """Whether anything is kept for this model."""
+        with self._lock:
+            return any((uid in self._status, uid in self._tuned, key in self._refused, key in self._written))
+
     def is_published(self, uri: str) -> bool:
         with self._lock:
             if uri in self._published:

@@ -86,6 +86,13 @@ class Scheduler:
         self.failures.pop(key, None)
         return after
 
+    def forget(self, key: Key) -> None:
+        """The model is gone: no retry is due and its failure count starts over if the name comes back."""
+        timer = self.timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        self.failures.pop(key, None)
+
     def close(self) -> None:
         self.closed = True
         for timer in self.timers.values():

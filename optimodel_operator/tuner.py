@@ -153,17 +153,23 @@ class Tuner:
             await asyncio.sleep(tick_s)
 
     def due_models(self) -> list[tuple[str, str]]:
-        out, now = [], self.clock()
+        out, now, live = [], self.clock(), set()
         for (ns, name), store in list(self.ctrl.indexes["om_index"].items()):
             for body in store:
                 auto = ((body.get("spec") or {}).get("serving") or {}).get("batching", {}).get("autotune") or {}
                 uid = body["metadata"].get("uid", "")
+                live.add(uid)
                 if not auto.get("enabled") or body["metadata"].get("deletionTimestamp"):
                     self.due.pop(uid, None)
                     continue
                 if now >= self.due.get(uid, 0.0):
                     self.due[uid] = now + float(auto.get("intervalSeconds") or 30)
                     out.append((ns, name))
+        # a deleted model's pass schedule and calibration would otherwise stay for the life of the process
+        for uid in [u for u in self.due if u not in live]:
+            del self.due[uid]
+        for state_key in [k for k in self.states if k[0] not in live]:
+            del self.states[state_key]
         return out
 
     def tune(self, namespace: str, name: str) -> Pass | None:

@@ -177,6 +177,10 @@ async def test_delete_removes_children(kmock, operator, tmp_path):
                      what="children garbage-collected")
     await asyncio.sleep(1)  # a resync after the deletion recreates nothing
     assert not kmock.live("apps/v1/deployments", NS)
+    # and the operator lets go of what it kept for the model (a long-lived process would grow otherwise)
+    ctrl = operator.ctrl
+    assert not ctrl.memory.holds((NS, "digits"), uid)
+    assert uid not in ctrl.seen_generation and (NS, "digits") not in ctrl.scheduler.failures
 
 
 async def test_restart_mid_build_resumes_without_duplicates(kmock, operator_env, tmp_path):

@@ -170,3 +170,18 @@ async def test_autotune_without_prometheus_says_how_to_configure_it(kmock, opera
     # the reconcile keeps the tuner's condition: Ready stays about serving
     await eventually(lambda: condition(kmock, "Ready")["status"] == "True", what="Ready")
     assert condition(kmock, "Tuned")["reason"] == "PrometheusNotConfigured"
+
+
+def test_the_tuner_forgets_a_deleted_models_schedule_and_calibration():
+    from types import SimpleNamespace
+
+    from optimodel.tuning import policy
+    from optimodel_operator.tuner import Tuner
+
+    live = {"metadata": {"uid": "live-uid"}, "spec": {"serving": {"batching": {"autotune": {"enabled": True}}}}}
+    ctrl = SimpleNamespace(settings=SimpleNamespace(prometheus_url=None), indexes={"om_index": {(NS, "live"): [live]}})
+    tuner = Tuner(ctrl, clock=lambda: 100.0)
+    tuner.due["gone-uid"] = 50.0
+    tuner.states[("gone-uid", "sm80")] = tuner.states[("live-uid", "sm80")] = policy.TunerState(window_ms=2.0)
+    assert tuner.due_models() == [(NS, "live")]
+    assert set(tuner.due) == {"live-uid"} and set(tuner.states) == {("live-uid", "sm80")}

@@ -454,6 +454,12 @@ def writes(run: Run) -> int:
     return sum(1 for a, b in zip(run.windows, run.windows[1:]) if a != b)
 
 
+def plotted(runs: dict, res: dict) -> dict:
+    """The runs a pattern's PNG shows: the adaptive controllers, the common fixed windows and the oracle's."""
+    keep = ("optimodel", "aimd", "bentoml-cost", "fixed-0ms", "fixed-10ms", f"fixed-{res['oracleWindowMs']:g}ms")
+    return {k: v for k, v in runs.items() if k in keep}
+
+
 def plot(path: Path, title: str, rates, runs: dict[str, Run], slo: float, interval_s: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -656,9 +662,8 @@ def main() -> int:
         res = evaluate("replay-sim", pattern, runs, sim_sweep, sim_slo, sim_n, repeat)
         results.append(res)
         print_table(res)
-        plot(out / f"replay-sim-{pattern}.png", f"replay-sim (simulation) — {pattern}", rates,
-             {k: v for k, v in runs.items() if k in ("optimodel", "aimd", "bentoml-cost", "fixed-0ms", "fixed-10ms",
-                                                      f"fixed-{res['oracleWindowMs']:g}ms")}, sim_slo, sim_iv)
+        plot(out / f"replay-sim-{pattern}.png", f"replay-sim (simulation) — {pattern}", rates, plotted(runs, res),
+             sim_slo, sim_iv)
 
     # ort-mlp: real time
     from make_mlp import make_mlp
@@ -687,9 +692,8 @@ def main() -> int:
         res = evaluate("ort-mlp", pattern, runs, ort_sweep, ort_slo, ort_n, repeat)
         results.append(res)
         print_table(res)
-        plot(out / f"ort-mlp-{pattern}.png", f"ort-mlp (real ONNX Runtime) — {pattern}", rates,
-             {k: v for k, v in runs.items() if k in ("optimodel", "aimd", "bentoml-cost", "fixed-0ms", "fixed-10ms",
-                                                      f"fixed-{res['oracleWindowMs']:g}ms")}, ort_slo, ort_iv)
+        plot(out / f"ort-mlp-{pattern}.png", f"ort-mlp (real ONNX Runtime) — {pattern}", rates, plotted(runs, res),
+             ort_slo, ort_iv)
 
     all_ok = all(v for r in results for v in r["targets"].values())
     strict_ok = all(v for r in results for v in list(r["targets"].values()) + list(r["strict"].values()))

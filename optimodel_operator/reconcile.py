@@ -405,6 +405,13 @@ def _engine(target: Target, state: str, key: str, **kw) -> EngineStatus:
     return EngineStatus(arch=target.arch, product=target.product, state=state, cache_key=key, **kw)
 
 
+def _built(target: Target, key: str, jname: str, uri: str, result, common: dict, events: list) -> EngineStatus:
+    """The engine a Job built and published: Ready, with the accuracy its pod reported if any."""
+    events.append(Event("Normal", "BuildSucceeded", f"{target.arch}: engine {key} published at {uri}"))
+    return _engine(target, "Ready", key, reason="Succeeded", accuracy=result.accuracy if result else None,
+                   message=f"built by Job {jname}", **common)
+
+
 def decide(*, model: render.ModelRef, raw_spec: Mapping | None, generation: int | None,
            status: OptimizedModelStatus | Mapping | None, fleet: Mapping[str, Target], observed: Observed,
            settings: Settings, published: Callable[[str], bool], secret_exists: Callable[[str], bool], now: str,
@@ -512,10 +519,7 @@ def engine_step(arch: str, target: Target, key: str, tried: Tries, old: EngineSt
     elif job is not None and job.state == "Succeeded":
         result = _result(pods)
         if published(uri):
-            engine = _engine(target, "Ready", key, reason="Succeeded",
-                             accuracy=result.accuracy if result else None,
-                             message=f"built by Job {jname}", **common)
-            step.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
+            engine = _built(target, key, jname, uri, result, common, step.events)
         else:
             engine = _engine(target, "Failed", key, reason="ArtifactMissing",
                              message=f"Job {jname} succeeded but {uri} has no verified manifest", **common)
@@ -541,11 +545,7 @@ def engine_step(arch: str, target: Target, key: str, tried: Tries, old: EngineSt
             step.events.append(Event("Warning", reason, f"{arch}: {message[:500]}"))
     elif published(uri):
         if job is not None:  # the builder publishes just before its Job reports success
-            result = _result(pods)
-            engine = _engine(target, "Ready", key, reason="Succeeded",
-                             accuracy=result.accuracy if result else None,
-                             message=f"built by Job {jname}", **common)
-            step.events.append(Event("Normal", "BuildSucceeded", f"{arch}: engine {key} published at {uri}"))
+            engine = _built(target, key, jname, uri, _result(pods), common, step.events)
         else:
             engine = _engine(target, "Ready", key, reason="CacheHit",
                              message="artifact already published; no build needed", **common)

@@ -8,14 +8,13 @@ listener closes, uploads still arriving get 408, every accepted request is answe
 then the process exits 0 — within --grace-seconds whatever clients do.
 
 Exit codes: 0 clean stop, 2 artifact refused (missing, unfinished, checksum), 3 engine
-does not load, 4 warm-up failed; uvicorn's own startup failures (port in use) exit 1 or 3.
+does not load, 4 warm-up failed, 1 the port cannot be bound (in use).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import logging
@@ -32,7 +31,7 @@ log = logging.getLogger("serving_image")
 DEFAULT_MAX_WAIT_MS = 2.0
 DEFAULT_DEADLINE_MS = 2000.0
 # what the drain leaves for answering accepted requests and closing: the batcher's own
-# close (queued requests run) and backend shutdown happen after uvicorn's graceful stop
+# close (queued requests run) and backend shutdown happen after the HTTP server's graceful stop
 CLOSE_MARGIN_S = 2.0
 # objects allocated less freed before a young collection (CPython's default 700)
 GC_THRESHOLD0 = 20_000
@@ -79,7 +78,7 @@ def initial_config(path: Path, manifest_max_batch: int) -> BatchingConfig:
 
 
 def graceful_timeout(args: argparse.Namespace) -> float:
-    """Seconds uvicorn waits for open requests once the listener closes, so the whole stop fits the grace period.
+    """Seconds the HTTP server waits for open requests once the listener closes, so the whole stop fits the grace period.
 
     Requests still open then (a client stalled mid-upload, a slow reader) are cancelled:
     the pod would be SIGKILLed at the end of the grace period anyway.
@@ -117,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serving_image: refusing to start: cannot open artifact {args.artifact}: {exc}", file=sys.stderr)
         return 2
 
-    import uvicorn
-
     from serving_image.app import create_app
     from serving_image.backends import load_backend
 
@@ -129,70 +126,72 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     config = initial_config(args.config, manifest.max_batch_size)
     name = args.model_name or manifest.model_name
+    stop: asyncio.Event | None = None
 
     def on_ready() -> None:
         quiet_gc()
         log.info("serving %s on http://%s:%d%s", name, args.host, args.port,
                  f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port else "")
 
-    servers = []
-
     def on_warmup_failed(reason: str) -> None:
         # exit rather than sit unready: a crash-looping pod says what is wrong, a silent one does not
         print(f"serving_image: refusing to serve: {reason}", file=sys.stderr)
-        for s in servers:
-            s.should_exit = True
+        stop.set()
 
     app = create_app(backend, manifest, config, model_name=name, config_path=args.config,
                      max_body_bytes=args.max_body_bytes, allow_non_finite=args.allow_non_finite, on_ready=on_ready,
                      deadline_s=(args.deadline_ms or DEFAULT_DEADLINE_MS) / 1000.0,
                      grpc_port=args.grpc_port, grpc_host=args.host,
-                     # by then uvicorn's graceful wait is spent; RPCs in the batcher finish in the margin
+                     # by then the HTTP drain is spent; RPCs in the batcher finish in the margin
                      grpc_grace_s=CLOSE_MARGIN_S / 2,
                      body_timeout_s=args.body_timeout_seconds,
                      on_warmup_failed=on_warmup_failed)
-    state = app.state.server_state
+    state = app.server_state
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            if not state.draining and sig == signal.SIGTERM:
-                state.draining = True
-                log.info("SIGTERM: not ready; draining accepted requests")
-                if args.drain_seconds > 0:
-                    asyncio.get_running_loop().call_later(args.drain_seconds, self._stop, sig, frame)
-                    return
-            self._stop(sig, frame)
+    async def serve() -> int:
+        nonlocal stop
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
 
-        def _stop(self, sig, frame):
-            with contextlib.suppress(RuntimeError):  # no running loop: nothing is being read
-                asyncio.get_running_loop().call_soon_threadsafe(app.cut_body_reads)
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises the captured signal after a graceful stop, which kills
-            # the process by SIGTERM; a clean drain exits 0 instead
-            if sig == signal.SIGTERM and hasattr(self, "_captured_signals"):
-                self._captured_signals.clear()
+        def on_sigterm() -> None:
+            if state.draining:  # a second SIGTERM: stop now
+                stop.set()
+                return
+            state.draining = True
+            log.info("SIGTERM: not ready; draining accepted requests")
+            loop.call_later(args.drain_seconds, stop.set)
 
-    kwargs = {}
-    try:
-        import uvloop  # noqa: F401
-        kwargs["loop"] = "uvloop"
-    except ImportError:
-        pass
-    try:
-        import httptools  # noqa: F401
-        kwargs["http"] = "httptools"
-    except ImportError:
-        pass
-    # proxy_headers off: nothing reads the client address, and it is per-request work
-    server = Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning",
-                                   proxy_headers=False, server_header=False,
-                                   lifespan="on", timeout_graceful_shutdown=graceful_timeout(args), **kwargs))
-    servers.append(server)
-    server.run()
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        server = app.http_server()
+        try:
+            await server.listen(args.host, args.port)
+        except OSError as exc:
+            print(f"serving_image: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+            backend.close()
+            return 1
+        await app.startup()
+        await stop.wait()
+        await server.shutdown(graceful_timeout(args))
+        await app.shutdown()
+        return 0
+
+    rc = run_loop(serve())
+    if rc:
+        return rc
     if state.warmup_error:
         return 4
     log.info("stopped")
     return 0
+
+
+def run_loop(main):
+    """Run on uvloop (its event loop costs less per request than asyncio's) when installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 if __name__ == "__main__":

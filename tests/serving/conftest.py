@@ -1,4 +1,4 @@
-"""Fixtures for the server tests: a published digits artifact and real uvicorn servers.
+"""Fixtures for the server tests: a published digits artifact and real HTTP servers.
 
 Artifacts are written here by hand (copy the ONNX, build a Manifest, publish): the
 server tests must not depend on the builder.
@@ -6,6 +6,7 @@ server tests must not depend on the builder.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
@@ -18,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import uvicorn
 
 from optimodel_local import run as local_run
 from optimodel.artifact import EngineInfo, Manifest, open_artifact, publish
@@ -88,26 +88,55 @@ def wait_ready(url: str, timeout: float = 30.0, proc=None) -> None:
 
 
 class ThreadedServer:
-    """uvicorn serving an app in a background thread of the test process."""
+    """The server as `python -m serving_image` runs it (app startup, HTTP server on uvloop, graceful stop),
+    in a background thread of the test process."""
 
     def __init__(self, app, port: int | None = None):
         self.app = app
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False, loop="uvloop", http="httptools",
-                                                    timeout_graceful_shutdown=None))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.loop = self.stop_event = None
+        self.error: BaseException | None = None
+        self.listening = threading.Event()
+
+    def _run(self) -> None:
+        import uvloop
+
+        async def main():
+            self.loop, self.stop_event = asyncio.get_running_loop(), asyncio.Event()
+            server = self.app.http_server()
+            await server.listen("127.0.0.1", self.port)
+            self.listening.set()
+            await self.app.startup()
+            await self.stop_event.wait()
+            await server.shutdown(10.0)
+            await self.app.shutdown()
+
+        try:
+            uvloop.run(main())
+        except BaseException as exc:  # reported by __exit__, not lost in the thread
+            self.error = exc
+        finally:
+            self.listening.set()
+
+    def start(self) -> "ThreadedServer":
+        """Start and return once it listens (not yet ready: warm-up runs on)."""
+        self.thread.start()
+        assert self.listening.wait(30) and self.error is None, self.error
+        return self
 
     def __enter__(self):
-        self.thread.start()
+        self.start()
         wait_ready(self.url)
         return self
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.stop_event.set)
         self.thread.join(timeout=30)
         assert not self.thread.is_alive(), "server did not stop"
+        assert self.error is None, self.error
 
 
 @pytest.fixture
@@ -154,7 +183,7 @@ class SlowBackend:
 
 @contextlib.contextmanager
 def app_server(artifact: Path, config: BatchingConfig, *, grpc: bool = False, wrap_backend=None, **kwargs):
-    """A real uvicorn (and, with grpc=True, gRPC) server in this process over the artifact's ONNX Runtime
+    """A real HTTP (and, with grpc=True, gRPC) server in this process over the artifact's ONNX Runtime
     engine (one thread); `srv.grpc` is its gRPC address. wrap_backend(backend) may slow or gate the engine."""
     from serving_image.app import create_app
     from serving_image.backends import load_backend

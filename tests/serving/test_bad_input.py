@@ -126,7 +126,7 @@ async def test_bad_requests_do_not_affect_their_batch(server, reference):
     rng = np.random.default_rng(1)
     xs = [rng.random((n, 1, 8, 8), dtype=np.float32) for n in (1, 2, 3, 1, 2, 4)]
     bads = [body for body, _ in BAD_JSON]
-    before = server.app.state.batcher.batches
+    before = server.app.batcher.batches
     async with httpx.AsyncClient(base_url=server.url, limits=httpx.Limits(max_connections=64)) as client:
         good = [client.post(f"/v2/models/{MODEL}/infer",
                             content=_req({**GOOD, "shape": list(x.shape), "data": x.ravel().tolist()}))
@@ -138,7 +138,7 @@ async def test_bad_requests_do_not_affect_their_batch(server, reference):
         got = np.array(r.json()["outputs"][0]["data"], np.float32).reshape(len(x), 10)
         np.testing.assert_allclose(got, reference(x), rtol=1e-5, atol=1e-5)
     assert all(r.status_code == 400 for r in answers[len(xs):])
-    assert server.app.state.batcher.batches - before < len(xs), "the good requests should have shared a batch"
+    assert server.app.batcher.batches - before < len(xs), "the good requests should have shared a batch"
     # and the server still answers afterwards
     assert httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=_req(GOOD)).status_code == 200
 

@@ -98,7 +98,7 @@ def test_tritonclient_grpc_round_trip(server):
 
 
 async def test_concurrent_text_requests_share_a_batch_and_split_back(server):
-    before = server.app.state.batcher.batches
+    before = server.app.batcher.batches
     bodies = [json.dumps({"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [t]}]})
               for t in TEXTS]
     async with httpx.AsyncClient(base_url=server.url) as client:
@@ -108,7 +108,7 @@ async def test_concurrent_text_requests_share_a_batch_and_split_back(server):
         outs = {o["name"]: o for o in r.json()["outputs"]}
         assert outs["echo"] == {"name": "echo", "datatype": "BYTES", "shape": [1, 1], "data": [text]}
         assert outs["is_number"]["data"] == _expected_numbers([text])
-    assert server.app.state.batcher.batches - before < len(TEXTS), "text requests should have shared a batch"
+    assert server.app.batcher.batches - before < len(TEXTS), "text requests should have shared a batch"
 
 
 def _lp(*items: bytes) -> bytes:

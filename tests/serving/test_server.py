@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import time
 
 import httpx
@@ -14,11 +13,15 @@ from tritonclient.utils import InferenceServerException
 from .conftest import MODEL, sample
 
 
-def _infer(client, x, binary: bool, request_id: str = ""):
+def _tensors(x, binary: bool):
     inp = tc.InferInput("image", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=binary)
-    out = tc.InferRequestedOutput("logits", binary_data=binary)
-    return client.infer(MODEL, [inp], outputs=[out], request_id=request_id)
+    return [inp], [tc.InferRequestedOutput("logits", binary_data=binary)]
+
+
+def _infer(client, x, binary: bool, request_id: str = ""):
+    inputs, outputs = _tensors(x, binary)
+    return client.infer(MODEL, inputs, outputs=outputs, request_id=request_id)
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
@@ -50,13 +53,15 @@ def test_concurrent_requests_are_batched_and_split_back(serve, digits_images, re
     client = tc.InferenceServerClient(srv.url.removeprefix("http://"), concurrency=16)
     sizes = [1, 3, 2, 5, 1, 4, 2, 1, 6, 3, 1, 2, 2, 1]
     offsets = np.cumsum([0] + sizes)
-    with cf.ThreadPoolExecutor(16) as pool:
-        futs = [pool.submit(_infer, client, digits_images[o:o + n], bool(i % 2)) for i, (o, n) in
-                enumerate(zip(offsets, sizes))]
-        results = [f.result() for f in futs]
+    # async_infer: the client's own 16 greenlets (its gevent sockets must not be shared between threads)
+    pending = []
+    for i, (o, n) in enumerate(zip(offsets, sizes)):
+        inputs, outputs = _tensors(digits_images[o:o + n], bool(i % 2))
+        pending.append(client.async_infer(MODEL, inputs, outputs=outputs))
+    results = [p.get_result() for p in pending]
     for (o, n), r in zip(zip(offsets, sizes), results):
         np.testing.assert_allclose(r.as_numpy("logits"), reference(digits_images[o:o + n]), rtol=1e-5, atol=1e-5)
-    batcher = srv.app.state.batcher
+    batcher = srv.app.batcher
     assert batcher.batches < len(sizes), "requests arriving together should share engine calls"
 
 
@@ -72,7 +77,7 @@ def test_health_and_metadata(serve):
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
     with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
         client.get_model_metadata("nope")
-    assert srv.app.state.server_state.warmed_sizes == [1, 2, 4, 8, 16, 32]
+    assert srv.app.server_state.warmed_sizes == [1, 2, 4, 8, 16, 32]
 
 
 def test_metrics_after_traffic(serve, digits_images):
@@ -118,32 +123,20 @@ class GatedBackend:
 
 @pytest.mark.parametrize("fail", [False, True], ids=["slow-warm-up", "failed-warm-up"])
 def test_not_ready_until_every_bucket_is_warm(digits_artifact, digits_images, fail):
-    import threading
-
     from optimodel.artifact import open_artifact
     from optimodel.batching import BatchingConfig
     from serving_image.app import create_app
     from serving_image.backends import load_backend
 
-    from .conftest import free_port
+    from .conftest import ThreadedServer
 
     local, manifest = open_artifact(digits_artifact.as_uri())
     backend = GatedBackend(load_backend(local, manifest, threads=1), fail=fail)
     app = create_app(backend, manifest, BatchingConfig(max_wait_ms=0, max_batch_size=32))
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
+    server = ThreadedServer(app).start()
+    url = server.url
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{url}/v2/health/live").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.02)
+        assert httpx.get(f"{url}/v2/health/live").status_code == 200  # listening while it warms
         assert httpx.get(f"{url}/v2/health/ready").status_code == 503
         assert httpx.get(f"{url}/v2/models/{MODEL}/ready").status_code == 503
         body = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}
@@ -162,5 +155,4 @@ def test_not_ready_until_every_bucket_is_warm(digits_artifact, digits_images, fa
             assert httpx.post(f"{url}/v2/models/{MODEL}/infer", json=body).status_code == 200
             assert sample(httpx.get(f"{url}/metrics").text, "optimodel_rejected_total", reason="not_ready") == 1
     finally:
-        server.should_exit = True
-        thread.join(10)
+        server.__exit__(None, None, None)

@@ -6,6 +6,7 @@ Each is what our /infer path would cost with no work of its own, on one HTTP sta
   granian-asgi the same ASGI app on granian (Rust HTTP, one worker, one runtime thread)
   granian-rsgi granian's own RSGI interface
   httptools    an asyncio.Protocol feeding httptools' parser directly, on uvloop (no ASGI at all)
+  optimodel-http  serving_image.http_server (what serving_image runs on) with a handler that answers at once
 
 Usage: python bench/_http_floor_apps.py KIND PORT   (prints "ready" once listening)
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 BODY = b'{"model_name":"mlp","model_version":"1","outputs":[{"name":"y","datatype":"FP32","shape":[1,10],"data":[0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0]}]}'
 HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
@@ -89,8 +91,37 @@ def main(kind: str, port: int) -> None:
                 await server.serve_forever()
 
         uvloop.run(run())
+    elif kind == "optimodel-http":
+        import uvloop
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from serving_image.http_server import HttpServer, Response
+
+        class Fixed:
+            answer = Response(200, BODY, ((b"content-type", b"application/json"),))
+
+            def head(self, request):
+                return None
+
+            def handle(self, request):
+                return self.answer
+
+            def abandon(self, request, status, message, reason):
+                return Response(status, b"{}")
+
+            def error_body(self, message):
+                return b"{}"
+
+        async def run():
+            server = HttpServer(Fixed(), max_body_bytes=64 << 20, body_timeout_s=10.0)
+            await server.listen("127.0.0.1", port)
+            print("ready", flush=True)
+            await asyncio.Event().wait()
+
+        uvloop.run(run())
     else:
-        raise SystemExit(f"unknown kind {kind!r}; use uvicorn, granian-asgi, granian-rsgi or httptools")
+        raise SystemExit(f"unknown kind {kind!r}; use uvicorn, granian-asgi, granian-rsgi, httptools or "
+                         f"optimodel-http")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _loadgen import Client, open_loop  # noqa: E402
 from _proc import free_port, tree_cpu_s  # noqa: E402
 
-KINDS = ("uvicorn", "granian-asgi", "granian-rsgi", "httptools", "optimodel")
+KINDS = ("uvicorn", "granian-asgi", "granian-rsgi", "httptools", "optimodel-http", "optimodel")
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -152,7 +152,13 @@ class HttpConnection(asyncio.Protocol):
         except _ParseAbort:
             pass
         except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
+            # the upgrade is ignored (RFC 9110 lets a server): the request is answered as plain
+            # HTTP/1.1, and since the parser reads nothing after an upgrade, the connection then closes
+            self.closing = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+                if not self.queue:
+                    self._close_now()
         except httptools.HttpParserError as exc:
             self._fail(400, f"malformed HTTP request: {exc}")
 
@@ -192,8 +198,10 @@ class HttpConnection(asyncio.Protocol):
             self._fail(400, "malformed request target")
             raise _ParseAbort from None
         headers = self.headers
+        # after an Upgrade the parser reads no more: answer this one and close
+        keep_alive = parser.should_keep_alive() and not self.closing and not parser.should_upgrade()
         req = Request(parser.get_method().decode("latin-1"), url.path.decode("latin-1"), url.query or b"",
-                      headers, version, parser.should_keep_alive() and not self.closing, time.monotonic())
+                      headers, version, keep_alive, time.monotonic())
         self.reading = req
         self.queue.append(req)
         if len(self.queue) > MAX_PIPELINED and not self.paused:

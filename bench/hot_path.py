@@ -1,8 +1,8 @@
 """Microbenchmarks of each piece of the JSON infer hot path, timed alone (timeit, best of 5).
 
 The MLP's request (one sample, 256 FP32 as JSON), its 10-float answer, the batcher's
-submit -> batch -> result round trip at batch 10 with a do-nothing engine, the raw ASGI
-handler (InferFastPath.__call__ with a fake receive/send, no engine), and admission.
+submit -> batch -> result round trip at batch 10 with a do-nothing engine, the HTTP
+server's own Python (HttpConnection fed bytes, a handler that answers at once), and admission.
 Each figure is microseconds per request on this process's one core; the sum against the
 server's CPU per request (bench/serving.py) says how much of it is ours and how much HTTP.
 
@@ -61,7 +61,7 @@ def main() -> None:
     figures["encode_infer_response (10 FP32)"] = per_call_us(
         lambda: protocol.encode_infer_response("mlp", req, out), 5000)
     figures.update(asyncio.run(_batcher_round_trip(req.inputs)))
-    figures.update(asyncio.run(_asgi_glue(body)))
+    figures.update(_http_glue(body))
     metrics = ServerMetrics("mlp", "cpu")
     figures["metrics: latency observe + inflight inc/dec"] = per_call_us(
         lambda: (metrics.inflight.inc(), metrics.latency.observe(0.004), metrics.inflight.dec()), 20000)
@@ -76,7 +76,7 @@ async def _batcher_round_trip(inputs: dict[str, np.ndarray], batch: int = 10, ro
     """Per request: submit, the batch formed, concatenated, run (a copy: no engine), split, future set, awaited.
 
     Includes a task per request and asyncio.gather (about 4 us a request on their own), which the
-    server pays too: uvicorn runs each request in a task."""
+    server does not pay: it answers from a callback on the batcher's future, with no task."""
     b = Batcher(lambda feeds: {"y": feeds["x"][:, :10].copy()}, BatchingConfig(max_batch_size=batch, max_wait_ms=50,
                                                                                max_queue=1024), engine_max_batch=32)
     await b.start()
@@ -97,39 +97,35 @@ async def _batcher_round_trip(inputs: dict[str, np.ndarray], batch: int = 10, ro
             "batcher.admit": admit}
 
 
-async def _asgi_glue(body: bytes, rounds: int = 5000) -> dict:
-    """InferFastPath.__call__ + _send + headers with an infer() that answers a fixed body at once."""
-    from fastapi import FastAPI
+def _http_glue(body: bytes, rounds: int = 5000) -> dict:
+    """http_server.HttpConnection from bytes in to bytes out (parser callbacks, Request, routing hook,
+    the response's one write) with a handler that answers a fixed body at once: no socket, no engine."""
+    from serving_image.http_server import HttpConnection, HttpServer, Response
 
-    from serving_image.app import BodyDeadlines, InferFastPath, read_asgi_body
+    fixed = Response(200, b'{"model_name":"mlp","model_version":"1","outputs":[]}',
+                     ((b"content-type", b"application/json"),))
 
-    reads = BodyDeadlines(10.0)
-    fixed = b'{"model_name":"mlp","model_version":"1","outputs":[]}'
+    class Fixed:
+        def head(self, req):
+            return None
 
-    async def infer(model, version, headers, receive):
-        await read_asgi_body(receive, headers.get(b"content-length"), 1 << 20, reads)
-        return 200, fixed, [(b"content-type", b"application/json")]
+        def handle(self, req):
+            return fixed
 
-    app = InferFastPath(FastAPI(), infer, reads)
-    scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": "/v2/models/mlp/infer",
-             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-length", str(len(body)).encode()),
-                         (b"content-type", b"application/octet-stream")]}
-    message = {"type": "http.request", "body": body, "more_body": False}
+    class Transport:
+        def write(self, data):
+            pass
 
-    async def receive():
-        return message
+        def is_closing(self):
+            return False
 
-    async def send(msg):
-        pass
-
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.process_time()
-        for _ in range(rounds):
-            await app(scope, receive, send)
-        best = min(best, (time.process_time() - t0) / rounds * 1e6)
-    reads.stop()
-    return {"ASGI glue: __call__, body read, _send (no parse/engine)": best}
+    server = HttpServer(Fixed(), max_body_bytes=1 << 20, body_timeout_s=10.0)
+    conn = HttpConnection(server)
+    conn.connection_made(Transport())
+    raw = (b"POST /v2/models/mlp/infer HTTP/1.1\r\nhost: 127.0.0.1:8000\r\ncontent-type: application/json\r\n"
+           b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    best = min(timeit.repeat(lambda: conn.data_received(raw), number=rounds, repeat=5)) / rounds * 1e6
+    return {"HTTP glue: parse request, Request, one write (no socket, parse or engine)": best}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`optimodel run` end to end: a real builder process, a real uvicorn server on 127.0.0.1,
+"""`optimodel run` end to end: a real builder process, a real serving process on 127.0.0.1,
 and tritonclient answers that match ONNX Runtime run directly on the same model."""
 
 from __future__ import annotations

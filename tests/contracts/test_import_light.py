@@ -10,7 +10,7 @@ import sys
 API_MODULES = ["optimodel", "optimodel.spec", "optimodel.artifact", "optimodel.build", "optimodel.batching",
                "optimodel.manifest", "optimodel.cache_key", "optimodel.storage", "optimodel.target",
                "optimodel.crd", "optimodel.dataset", "optimodel.cli"]
-HEAVY = ["tritonclient", "onnxruntime", "onnx", "torch", "fastapi", "uvicorn", "matplotlib", "optimodel_local.run",
+HEAVY = ["tritonclient", "onnxruntime", "onnx", "torch", "httptools", "uvloop", "matplotlib", "optimodel_local.run",
          "optimodel_local.command", "optimodel_local.demo.main",
          "builder_job", "serving_image", "optimodel_operator"]
 

@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"serving_image: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
             backend.close()
             return 1
-        await app.startup()
-        await stop.wait()
-        await server.shutdown(graceful_timeout(args))
-        await app.shutdown()
+        await app.serve(server, stop, graceful_timeout(args))
         return 0
 
     rc = run_loop(serve())

@@ -116,6 +116,16 @@ class ServingApp:
 
     # ---- life ------------------------------------------------------------------------
 
+    async def serve(self, server: HttpServer, stop: asyncio.Event, graceful_s: float) -> None:
+        """Start the model behind a listening server, serve until stop is set, then stop gracefully:
+        the listener closes, what was read is answered (within graceful_s), the batcher drains."""
+        await self.startup()
+        try:
+            await stop.wait()
+        finally:
+            await server.shutdown(graceful_s)
+            await self.shutdown()
+
     async def startup(self) -> None:
         await self.batcher.start()
         if self.grpc is not None:

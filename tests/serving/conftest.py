@@ -108,10 +108,7 @@ class ThreadedServer:
             server = self.app.http_server()
             await server.listen("127.0.0.1", self.port)
             self.listening.set()
-            await self.app.startup()
-            await self.stop_event.wait()
-            await server.shutdown(10.0)
-            await self.app.shutdown()
+            await self.app.serve(server, self.stop_event, graceful_s=10.0)
 
         try:
             uvloop.run(main())

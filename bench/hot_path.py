@@ -23,6 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from optimodel.batching import BatchingConfig  # noqa: E402
 from optimodel.spec import TensorSpec  # noqa: E402
@@ -66,6 +67,7 @@ def main() -> None:
     figures["metrics: latency observe + inflight inc/dec"] = per_call_us(
         lambda: (metrics.inflight.inc(), metrics.latency.observe(0.004), metrics.inflight.dec()), 20000)
     figures["time.monotonic()"] = per_call_us(time.monotonic, 100000)
+    figures.update(_engine_after_idle())
     print(f"CPU: {cpu_model()}")
     for k, v in figures.items():
         print(f"{k:58s} {v:8.2f} us")
@@ -95,6 +97,35 @@ async def _batcher_round_trip(inputs: dict[str, np.ndarray], batch: int = 10, ro
     await b.close()
     return {f"batcher submit -> result round trip (batch {batch}, both threads' CPU)": best,
             "batcher.admit": admit}
+
+
+def _engine_after_idle(batch: int = 13, runs: int = 300) -> dict:
+    """ONNX Runtime on the MLP (1 thread) at the server's mean batch, back to back and after an idle gap
+    like the server's between batches (window 5 ms): per request, for the engine's share of the CPU."""
+    import tempfile
+
+    import onnxruntime as ort
+    from _mlp import make_mlp_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_mlp_onnx(Path(tmp) / "mlp.onnx")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((batch, 256), dtype=np.float32)
+    for _ in range(50):
+        session.run(None, {"x": x})
+    out = {}
+    for gap_ms in (0, 1, 4):
+        spent = 0.0
+        for _ in range(runs):
+            if gap_ms:
+                time.sleep(gap_ms / 1000)
+            t0 = time.perf_counter()
+            session.run(None, {"x": x})
+            spent += time.perf_counter() - t0
+        out[f"ONNX Runtime MLP, batch {batch}, per request, {gap_ms} ms idle before each run"] = spent / runs / batch * 1e6
+    return out
 
 
 def _http_glue(body: bytes, rounds: int = 5000) -> dict:

@@ -75,7 +75,7 @@ class Result:
 class Client:
     """Keep-alive connections, most recently used first.
 
-    uvicorn closes a connection idle for 5 s (its keep-alive timeout); reusing one
+    The server closes a connection idle for 5 s (its keep-alive timeout); reusing one
     the server already closed fails with a reset that is the client's fault, not
     the server's, so connections idle longer than MAX_IDLE_S are dropped unused.
     """

@@ -4,10 +4,8 @@ and tritonclient answers that match ONNX Runtime run directly on the same model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +17,9 @@ import pytest
 import yaml
 
 from optimodel_local.check import infer_with_tritonclient
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_run(manifest: Path, store: Path, port: int) -> subprocess.Popen:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -16,16 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # short phases at rates this shared 2-core machine serves within the SLO while other suites run
 SHORT = ["--phase-seconds", "6", "--tune-interval", "2", "--rates", "80,250"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo_env(tmp: Path) -> dict[str, str]:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from optimodel.spec import OptimizedModel
 from optimodel.target import CPU
 from optimodel_operator import render
 from optimodel_operator.settings import Settings
+from tests.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -61,12 +61,6 @@ def podman(*args: str, check: bool = True, timeout: float = 600) -> subprocess.C
     if check and proc.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from optimodel_local import run as local_run
 from optimodel.artifact import EngineInfo, Manifest, open_artifact, publish
 from optimodel.batching import BatchingConfig, write_batching_config
 from optimodel.spec import TensorSpec
+from tests.net import free_port
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 MODEL = "digits"
@@ -75,12 +75,6 @@ def sample(text: str, name: str, **labels) -> float | None:
             if s.name == name and all(s.labels.get(k) == v for k, v in want.items()):
                 return s.value
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, timeout: float = 30.0, proc=None) -> None:

@@ -45,7 +45,7 @@ _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("latin-1")
 class Request:
     """One request as the handler sees it. `body` is complete when handle() is called."""
 
-    __slots__ = ("method", "path", "query", "headers", "body", "version", "keep_alive", "arrived",
+    __slots__ = ("method", "path", "query", "headers", "body", "chunks", "version", "keep_alive", "arrived",
                  "early", "body_size", "body_done", "dispatched", "context")
 
     def __init__(self, method: str, path: str, query: bytes, headers: dict[bytes, bytes], version: str,
@@ -55,6 +55,7 @@ class Request:
         self.query = query
         self.headers = headers  # names lowercased; a repeated header keeps its last value
         self.body = b""
+        self.chunks: list[bytes] = []  # the body as it arrives; joined once when it is all in
         self.version = version
         self.keep_alive = keep_alive
         self.arrived = arrived  # time.monotonic() when the headers were in
@@ -107,7 +108,8 @@ class _ParseAbort(Exception):
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = ("server", "handler", "limits", "loop", "transport", "parser", "queue", "reading", "url",
-                 "headers", "header_bytes", "since", "idle_since", "closing", "paused", "expect_continue")
+                 "headers", "header_bytes", "since", "idle_since", "closing", "reading_on", "write_paused",
+                 "advancing")
 
     def __init__(self, server: "HttpServer"):
         self.server = server
@@ -124,8 +126,9 @@ class HttpConnection(asyncio.Protocol):
         self.since: float | None = None  # a request's first byte, until its headers are in
         self.idle_since: float | None = None
         self.closing = False  # answer what is queued, then close
-        self.paused = False
-        self.expect_continue = False
+        self.reading_on = True
+        self.write_paused = False  # the transport's buffer is past its high-water mark
+        self.advancing = False
 
     # ---- asyncio.Protocol ------------------------------------------------------------
 
@@ -168,7 +171,6 @@ class HttpConnection(asyncio.Protocol):
         self.url = b""
         self.headers = {}
         self.header_bytes = 0
-        self.expect_continue = False
         self.since = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
@@ -204,9 +206,7 @@ class HttpConnection(asyncio.Protocol):
                       headers, version, keep_alive, time.monotonic())
         self.reading = req
         self.queue.append(req)
-        if len(self.queue) > MAX_PIPELINED and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
+        self._flow()
         early = self.handler.head(req)
         if early is not None:
             req.early = early
@@ -214,15 +214,16 @@ class HttpConnection(asyncio.Protocol):
             if (length is not None and (not length.isdigit() or int(length) > DISCARD_BODY_BYTES)) or \
                     headers.get(b"transfer-encoding") is not None:
                 req.keep_alive = False  # not worth reading to keep the connection
-            if self.queue[0] is req:
-                self._answer_head()
+            self._advance()
             return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limits.max_body_bytes:
             self._abandon_reading(413, f"request body of {int(length)} bytes exceeds the limit of "
                                        f"{self.limits.max_body_bytes} bytes", "body_too_large")
             raise _ParseAbort
-        if headers.get(b"expect", b"").lower() == b"100-continue":
+        # only at the head of the queue: before the answers ahead of it, it would break their order (a
+        # client that waits in vain sends the body after its own timeout anyway)
+        if headers.get(b"expect", b"").lower() == b"100-continue" and self.queue[0] is req:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -234,14 +235,17 @@ class HttpConnection(asyncio.Protocol):
             self._abandon_reading(413, f"request body exceeds the limit of {self.limits.max_body_bytes} bytes",
                                   "body_too_large")
             raise _ParseAbort
-        req.body = req.body + body if req.body else body
+        req.chunks.append(body)
 
     def on_message_complete(self) -> None:
         req = self.reading
         self.reading = None
+        chunks = req.chunks
+        if chunks:
+            req.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            req.chunks = []
         req.body_done = True
-        if self.queue and self.queue[0] is req and not req.dispatched and req.early is None:
-            self._dispatch(req)
+        self._advance()
 
     # ---- answering -------------------------------------------------------------------
 
@@ -267,14 +271,37 @@ class HttpConnection(asyncio.Protocol):
                                 ((b"content-type", b"application/json"),))
         self._respond(req, response)
 
-    def _answer_head(self) -> None:
-        """Write the early answers at the head of the queue, in order."""
-        while self.queue and self.queue[0].early is not None and not self.queue[0].dispatched:
-            req = self.queue[0]
-            req.dispatched = True
-            self._respond(req, req.early)
+    def _advance(self) -> None:
+        """Answer or start the requests at the head of the queue, in order, while answers flow out.
+
+        A loop, not recursion: a client may pipeline thousands of requests that are answered at
+        once (head()'s refusals, health checks) in one read."""
+        if self.advancing:  # a synchronous answer inside the loop below: the loop goes on
+            return
+        self.advancing = True
+        try:
+            queue = self.queue
+            while queue and self.transport is not None and not self.write_paused:
+                req = queue[0]
+                if req.dispatched:  # in the handler: its answer calls back here
+                    break
+                if req.early is not None:
+                    req.dispatched = True
+                    self._write(req, req.early)
+                elif req.body_done:
+                    self._dispatch(req)
+                else:  # its body is still arriving
+                    break
+            if not queue and self.transport is not None:
+                self.idle_since = time.monotonic()
+        finally:
+            self.advancing = False
 
     def _respond(self, req: Request, response: Response) -> None:
+        self._write(req, response)
+        self._advance()
+
+    def _write(self, req: Request, response: Response) -> None:
         transport = self.transport
         if transport is None:  # the client went away: nobody to answer
             return
@@ -289,17 +316,30 @@ class HttpConnection(asyncio.Protocol):
             self.transport = None
             self.server.connections.discard(self)
             return
-        if self.paused and len(queue) <= MAX_PIPELINED // 2:
-            self.paused = False
-            transport.resume_reading()
-        if not queue:
-            self.idle_since = time.monotonic()
+        self._flow()
+
+    def _flow(self) -> None:
+        """Read more only while answers flow out and few requests wait: a client that pipelines and
+        never reads holds one answer past the transport's high-water mark, not all of them."""
+        transport = self.transport
+        if transport is None or self.closing:  # closing pauses reading for good itself
             return
-        nxt = queue[0]
-        if nxt.early is not None:
-            self._answer_head()
-        elif nxt.body_done and not nxt.dispatched:
-            self._dispatch(nxt)
+        want = not self.write_paused and len(self.queue) <= MAX_PIPELINED
+        if want != self.reading_on:
+            self.reading_on = want
+            if want:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._flow()
+        self._advance()
 
     def _abandon(self, req: Request, status: int, message: str, reason: str) -> Response:
         try:
@@ -316,11 +356,9 @@ class HttpConnection(asyncio.Protocol):
         response = self._abandon(req, status, message, reason)
         req.keep_alive = False
         # the requests before it are still being answered: they keep their turn, then this, then close
-        if self.queue and self.queue[0] is req:
-            self._respond(req, response._replace(close=True))
-        else:
-            req.early = response._replace(close=True)
-            req.dispatched = False
+        req.early = response._replace(close=True)
+        req.dispatched = False
+        self._advance()
         self.closing = True
         if self.transport is not None:
             self.transport.pause_reading()

@@ -21,6 +21,7 @@ import pytest
 from serving_image.http_server import MAX_HEADER_BYTES, HttpServer, Later, Response
 
 JSON = ((b"content-type", b"application/json"),)
+BIG = b"b" * (256 * 1024)
 
 
 class Echo:
@@ -34,6 +35,8 @@ class Echo:
     def head(self, req):
         if req.path == "/early":
             return Response(200, b"early", JSON)
+        if req.path == "/big":
+            return Response(200, BIG, JSON)
         if req.path in ("/echo", "/slow"):
             return None
         return Response(404, self.error_body("no route"), JSON)
@@ -179,6 +182,27 @@ def test_head_has_the_length_but_no_body(server):
     first, second = data.split(b"HTTP/1.1 200 OK", 2)[1:]
     assert b"content-length: 5\r\n" in first and first.endswith(b"\r\n\r\n")  # no body after HEAD's headers
     assert second.endswith(b"\r\n\r\nearly")
+
+
+def test_thousands_of_pipelined_requests_in_one_read_are_all_answered_in_order(server):
+    s = server.connect()
+    n = 3000
+    s.sendall(b"".join(f"GET /early?{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for i in range(n)))
+    answers = read_answers(s, n)
+    assert len(answers) == n and all(status == 200 and body == b"early" for status, _, body in answers)
+
+
+def test_a_client_that_pipelines_and_never_reads_holds_little_server_memory(server):
+    """Flow control: past the transport's high-water mark nothing more is answered or read until
+    the client reads; without it all 100 answers (25 MB) would sit in the server's buffer."""
+    s = server.connect()
+    s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+    time.sleep(0.5)
+    buffered = sum(c.transport.get_write_buffer_size() for c in list(server.server.connections)
+                   if c.transport is not None)
+    assert buffered < 2 * len(BIG), buffered
+    answers = read_answers(s, 100)  # and once the client reads, every answer comes, in full
+    assert all(status == 200 and body == BIG for status, _, body in answers)
 
 
 @pytest.mark.parametrize("how", ["declared", "chunked"])

@@ -247,9 +247,9 @@ class ServingApp:
     def _admit(self, req: Request, model: str, version: str) -> Response | None:
         """Refuse an infer request before its body is read when it cannot be served (refusals cost no
         parsing); an admitted one counts as in flight until it is answered or abandoned."""
-        if model != self.name or version != MODEL_VERSION:
-            what = f"model '{model}'" if model != self.name else f"version '{version}' of model '{self.name}'"
-            return _error(404, f"unknown {what}; this server serves '{self.name}' version {MODEL_VERSION}")
+        unknown = self._unknown(model, version)
+        if unknown is not None:
+            return unknown
         metrics = self.metrics
         if not self.server_state.ready:
             metrics.rejected("not_ready")

@@ -127,7 +127,7 @@ class HttpConnection(asyncio.Protocol):
         self.idle_since: float | None = None
         self.closing = False  # answer what is queued, then close
         self.reading_on = True
-        self.write_paused = False  # the transport's buffer is past its high-water mark
+        self.write_paused: float | None = None  # since when the transport's buffer is past its high-water mark
         self.advancing = False
 
     # ---- asyncio.Protocol ------------------------------------------------------------
@@ -281,7 +281,7 @@ class HttpConnection(asyncio.Protocol):
         self.advancing = True
         try:
             queue = self.queue
-            while queue and self.transport is not None and not self.write_paused:
+            while queue and self.transport is not None and self.write_paused is None:
                 req = queue[0]
                 if req.dispatched:  # in the handler: its answer calls back here
                     break
@@ -324,7 +324,7 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closing:  # closing pauses reading for good itself
             return
-        want = not self.write_paused and len(self.queue) <= MAX_PIPELINED
+        want = self.write_paused is None and len(self.queue) <= MAX_PIPELINED
         if want != self.reading_on:
             self.reading_on = want
             if want:
@@ -333,11 +333,11 @@ class HttpConnection(asyncio.Protocol):
                 transport.pause_reading()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        self.write_paused = time.monotonic()
         self._flow()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        self.write_paused = None
         self._flow()
         self._advance()
 
@@ -352,7 +352,6 @@ class HttpConnection(asyncio.Protocol):
         """The request being read cannot complete: answer it (after those before it) and close."""
         req = self.reading
         self.reading = None
-        req.dispatched = True
         response = self._abandon(req, status, message, reason)
         req.keep_alive = False
         # the requests before it are still being answered: they keep their turn, then this, then close
@@ -389,9 +388,12 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is None:
             return
         if self.idle_since is not None and not self.queue and now - self.idle_since > lim.keep_alive_s:
-            self.transport.close()
-            self.transport = None
-            self.server.connections.discard(self)
+            self._close_now()
+        elif (self.write_paused is not None and lim.body_timeout_s is not None
+              and now - self.write_paused > lim.body_timeout_s):
+            # a client that stopped reading its answers holds their memory: it gets the body's time limit
+            log.warning("dropping a connection whose client read no answer for %g s", lim.body_timeout_s)
+            self.abort()
         elif self.since is not None and lim.header_timeout_s is not None and now - self.since > lim.header_timeout_s:
             self._fail(408, f"the request headers did not arrive within {lim.header_timeout_s:g} s")
         elif (self.reading is not None and lim.body_timeout_s is not None

@@ -192,17 +192,30 @@ def test_thousands_of_pipelined_requests_in_one_read_are_all_answered_in_order(s
     assert len(answers) == n and all(status == 200 and body == b"early" for status, _, body in answers)
 
 
-def test_a_client_that_pipelines_and_never_reads_holds_little_server_memory(server):
+def test_a_client_that_pipelines_and_reads_late_holds_little_server_memory():
     """Flow control: past the transport's high-water mark nothing more is answered or read until
     the client reads; without it all 100 answers (25 MB) would sit in the server's buffer."""
+    srv = Running(body_timeout_s=10.0)
+    try:
+        s = srv.connect()
+        s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+        time.sleep(0.5)
+        buffered = sum(c.transport.get_write_buffer_size() for c in list(srv.server.connections)
+                       if c.transport is not None)
+        assert buffered < 2 * len(BIG), buffered
+        answers = read_answers(s, 100)  # and once the client reads, every answer comes, in full
+        assert all(status == 200 and body == BIG for status, _, body in answers)
+    finally:
+        srv.stop()
+
+
+def test_a_client_that_never_reads_is_dropped_after_the_body_timeout(server):
     s = server.connect()
     s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
-    time.sleep(0.5)
-    buffered = sum(c.transport.get_write_buffer_size() for c in list(server.server.connections)
-                   if c.transport is not None)
-    assert buffered < 2 * len(BIG), buffered
-    answers = read_answers(s, 100)  # and once the client reads, every answer comes, in full
-    assert all(status == 200 and body == BIG for status, _, body in answers)
+    deadline = time.monotonic() + 10  # a hang detector; the timeout is 0.3 s
+    while server.server.connections and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.server.connections
 
 
 @pytest.mark.parametrize("how", ["declared", "chunked"])

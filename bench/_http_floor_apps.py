@@ -7,6 +7,7 @@ Each is what our /infer path would cost with no work of its own, on one HTTP sta
   granian-rsgi granian's own RSGI interface
   httptools    an asyncio.Protocol feeding httptools' parser directly, on uvloop (no ASGI at all)
   optimodel-http  serving_image.http_server (what serving_image runs on) with a handler that answers at once
+  grpc-aio     grpc.aio (what the gRPC port runs on) with a ModelInfer that answers a fixed response at once
 
 Usage: python bench/_http_floor_apps.py KIND PORT   (prints "ready" once listening)
 """
@@ -119,9 +120,37 @@ def main(kind: str, port: int) -> None:
             await asyncio.Event().wait()
 
         uvloop.run(run())
+    elif kind == "grpc-aio":
+        import grpc
+        import uvloop
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from serving_image.grpc_v2 import grpc_predict_v2_pb2 as pb
+
+        answer = pb.ModelInferResponse(model_name="mlp", model_version="1")
+        answer.outputs.add(name="y", datatype="FP32", shape=[1, 10])
+        answer.raw_output_contents.append(bytes(40))
+        fixed = answer.SerializeToString()
+
+        async def infer(request: bytes, context) -> bytes:
+            pb.ModelInferRequest.FromString(request)  # what any servicer pays: the request parsed
+            return fixed
+
+        async def run():
+            # the same options as serving_image.grpc_server; bytes in and out, as its stubs do in C
+            server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+            handler = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
+                "ModelInfer": grpc.unary_unary_rpc_method_handler(infer)})
+            server.add_generic_rpc_handlers((handler,))
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            await server.start()
+            print("ready", flush=True)
+            await server.wait_for_termination()
+
+        uvloop.run(run())
     else:
-        raise SystemExit(f"unknown kind {kind!r}; use uvicorn, granian-asgi, granian-rsgi, httptools or "
-                         f"optimodel-http")
+        raise SystemExit(f"unknown kind {kind!r}; use uvicorn, granian-asgi, granian-rsgi, httptools, "
+                         f"optimodel-http or grpc-aio")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ same rate (2,000 req/s by default). Each server answers a fixed JSON body after 
 request; CPU is the whole server process tree's (utime + stime from /proc), divided by answered
 requests. Servers are measured round-robin, `--rounds` times each, and the median is printed, so
 every one sees the same machine load. What it tells: how much of our CPU per request is the HTTP
-stack itself, and what another stack would save.
+stack itself, and what another stack would save. The gRPC kinds (a do-nothing grpc.aio ModelInfer,
+and our server's gRPC port) send the same tensor as a binary ModelInferRequest.
 
 Usage: python bench/http_floor.py [--rate 2000] [--seconds 3] [--rounds 3] [--kinds uvicorn,granian-asgi,...]
 """
@@ -31,7 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _loadgen import Client, open_loop  # noqa: E402
 from _proc import free_port, tree_cpu_s  # noqa: E402
 
-KINDS = ("uvicorn", "granian-asgi", "granian-rsgi", "httptools", "optimodel-http", "optimodel")
+KINDS = ("uvicorn", "granian-asgi", "granian-rsgi", "httptools", "optimodel-http", "optimodel", "grpc-aio",
+         "optimodel-grpc")
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -49,7 +51,8 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
 class Started:
     def __init__(self, kind: str, workdir: Path):
         self.port = free_port()
-        if kind == "optimodel":
+        self.grpc = kind in ("grpc-aio", "optimodel-grpc")
+        if kind in ("optimodel", "optimodel-grpc"):
             from serving import MLP, ServerProcess, mlp_artifact
             from optimodel.batching import BatchingConfig, write_batching_config
 
@@ -58,7 +61,11 @@ class Started:
             config = workdir / "batching.json"
             write_batching_config(config, BatchingConfig(max_wait_ms=MLP["max_wait_ms"],
                                                          max_batch_size=MLP["max_batch"], max_queue=4096))
-            self.server = ServerProcess(artifact, config, self.port, None)
+            extra = ()
+            if kind == "optimodel-grpc":
+                self.http_port, self.port = self.port, free_port()
+                extra = ("--grpc-port", str(self.port))
+            self.server = ServerProcess(artifact, config, getattr(self, "http_port", self.port), None, extra)
             self.server.wait_ready()
             self.proc = self.server.proc
         else:
@@ -89,10 +96,21 @@ def json_request(port: int) -> list[bytes]:
     return out
 
 
+def grpc_requests() -> list[bytes]:
+    from serving import grpc_request
+
+    rng = np.random.default_rng(0)
+    return [grpc_request("mlp", {"x": rng.standard_normal((1, 256), dtype=np.float32)}) for _ in range(64)]
+
+
 async def measure(server: Started, rate: float, seconds: float, seed: int) -> dict:
-    client = Client("127.0.0.1", server.port)
+    if server.grpc:
+        from serving import GrpcClient
+
+        client, reqs = GrpcClient(server.port), grpc_requests()
+    else:
+        client, reqs = Client("127.0.0.1", server.port), json_request(server.port)
     await client.connect(32)
-    reqs = json_request(server.port)
     await open_loop(client, reqs, rate, 0.5, max_requests=int(rate), seed=seed + 100)  # warm the connections
     cpu0 = tree_cpu_s(server.proc.pid)
     r = await open_loop(client, reqs, rate, seconds, max_requests=int(rate * seconds) + 1, seed=seed)
@@ -144,7 +162,7 @@ def main() -> None:
     summary = uvloop.run(run(args.kinds.split(","), args.rate, args.seconds, args.rounds))
     for kind, fig in summary.items():
         print(f"[http-floor] {kind:>12}: median {fig['cpu_us_per_request_median']} us CPU/request at "
-              f"{args.rate:.0f} req/s JSON", flush=True)
+              f"{args.rate:.0f} req/s {'gRPC' if 'grpc' in kind else 'JSON'}", flush=True)
     print(json.dumps({"bench": "http_floor", "cpu_model": cpu_model(), "rate": args.rate,
                       "load_avg_end": os.getloadavg()[0], "figures": summary}, separators=(",", ":")))
 

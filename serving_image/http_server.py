@@ -41,6 +41,7 @@ MAX_HEADER_BYTES = 64 * 1024  # request line and headers together
 DISCARD_BODY_BYTES = 1024 * 1024
 MAX_PIPELINED = 16  # requests read ahead on one connection before reading pauses
 
+_JSON = ((b"content-type", b"application/json"),)
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus}
 
 
@@ -257,8 +258,7 @@ class HttpConnection(asyncio.Protocol):
             result = self.handler.handle(req)
         except Exception:  # the handler's own bug: a 500, and the server stays up
             log.exception("handler failed on %s %s", req.method, req.path)
-            result = Response(500, self.handler.error_body("internal server error"),
-                              ((b"content-type", b"application/json"),))
+            result = self._error(500, "internal server error")
         if isinstance(result, Later):
             result.future.add_done_callback(lambda fut: self._finish_later(req, result.finish, fut))
         else:
@@ -269,8 +269,7 @@ class HttpConnection(asyncio.Protocol):
             response = finish(fut)
         except Exception:
             log.exception("handler failed on %s %s", req.method, req.path)
-            response = Response(500, self.handler.error_body("internal server error"),
-                                ((b"content-type", b"application/json"),))
+            response = self._error(500, "internal server error")
         self._respond(req, response)
 
     def _advance(self) -> None:
@@ -343,12 +342,16 @@ class HttpConnection(asyncio.Protocol):
         self._flow()
         self._advance()
 
+    def _error(self, status: int, message: str) -> Response:
+        """An error the server answers itself, in the handler's error format."""
+        return Response(status, self.handler.error_body(message), _JSON)
+
     def _abandon(self, req: Request, status: int, message: str, reason: str) -> Response:
         try:
             return self.handler.abandon(req, status, message, reason)
         except Exception:
             log.exception("handler failed abandoning %s %s", req.method, req.path)
-            return Response(status, self.handler.error_body(message), ((b"content-type", b"application/json"),))
+            return self._error(status, message)
 
     def _abandon_reading(self, status: int, message: str, reason: str) -> None:
         """The request being read cannot complete: answer it (after those before it) and close."""
@@ -375,9 +378,8 @@ class HttpConnection(asyncio.Protocol):
             self.closing = True
             self.transport.pause_reading()
             return
-        self.transport.write(encode_response(
-            Response(status, self.handler.error_body(message), ((b"content-type", b"application/json"),)),
-            head_only=False, close=True, date=self.server.date))
+        self.transport.write(encode_response(self._error(status, message), head_only=False, close=True,
+                                             date=self.server.date))
         self.transport.close()
         self.transport = None
         self.server.connections.discard(self)
